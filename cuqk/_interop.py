@@ -1,0 +1,155 @@
+"""What cuqk needs to know about a caller's arrays: framework, geometry, pointer, stream.
+
+Supported: torch tensors and CuPy arrays (CUDA: the kernels; CPU torch: the reference) and
+NumPy arrays (the reference). Torch and JAX are never imported here unless the caller's
+arrays come from them.
+
+Each framework gets a ``key`` function: a cheap tuple of everything a launch plan depends on
+(shape, strides, dtype, device, pointer alignment). Plans are cached on it, so the per-call
+cost is a few attribute reads instead of DLPack capsules and validation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+CPU = -1
+
+
+class ArrayInfo(NamedTuple):
+    framework: str
+    shape: tuple
+    strides: tuple  # in elements
+    dtype: str  # "bfloat16", "float32", "int64", ... (the framework's name when unknown)
+    device: int  # CUDA ordinal, or CPU
+    ptr: int
+
+
+def _framework_of_type(cls) -> str:
+    module = cls.__module__.split(".")[0]
+    if module == "torch":
+        return "torch"
+    if module == "cupy":
+        return "cupy"
+    if issubclass(cls, np.ndarray):
+        return "numpy"
+    if module in ("jax", "jaxlib"):
+        raise TypeError("cuqk does not accept JAX arrays yet; pass torch, CuPy or NumPy arrays")
+    raise TypeError(
+        f"expected a torch.Tensor, cupy.ndarray or numpy.ndarray, got {cls.__module__}."
+        f"{cls.__qualname__}"
+    )
+
+
+_FRAMEWORK_BY_TYPE: dict[type, str] = {}
+
+
+def framework(x) -> str:
+    cls = type(x)
+    name = _FRAMEWORK_BY_TYPE.get(cls)
+    if name is None:
+        name = _FRAMEWORK_BY_TYPE[cls] = _framework_of_type(cls)
+    return name
+
+
+def _torch_key(x):
+    return (x.shape, x.stride(), x.dtype, x.get_device(), x.data_ptr() & 15)
+
+
+def _cupy_key(x):
+    return (x.shape, x.strides, x.dtype, x.device.id, x.data.ptr & 15)
+
+
+def _numpy_key(x):
+    return (x.shape, x.strides, x.dtype, CPU, x.ctypes.data & 15)
+
+
+_KEYS = {"torch": _torch_key, "cupy": _cupy_key, "numpy": _numpy_key}
+
+
+def key(x):
+    """Hashable summary of ``x`` for the plan cache (None stays None)."""
+    if x is None:
+        return None
+    name = framework(x)
+    return (name, _KEYS[name](x))
+
+
+def pointer(x) -> int:
+    if x is None:
+        return 0
+    name = framework(x)
+    if name == "torch":
+        return x.data_ptr()
+    if name == "cupy":
+        return x.data.ptr
+    return x.ctypes.data
+
+
+def info(x) -> ArrayInfo:
+    name = framework(x)
+    if name == "torch":
+        dtype = str(x.dtype).removeprefix("torch.")
+        return ArrayInfo(name, tuple(x.shape), tuple(x.stride()), dtype, x.get_device(),
+                         x.data_ptr())
+    itemsize = x.dtype.itemsize
+    strides = tuple(s // itemsize for s in x.strides)
+    if name == "cupy":
+        return ArrayInfo(name, x.shape, strides, x.dtype.name, x.device.id, x.data.ptr)
+    return ArrayInfo(name, x.shape, strides, x.dtype.name, CPU, x.ctypes.data)
+
+
+def current_stream(framework_name: str, device: int) -> int:
+    """Raw handle of the caller's current stream on ``device`` in that framework."""
+    if framework_name == "torch":
+        import torch
+
+        return torch._C._cuda_getCurrentRawStream(device)
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return cupy.cuda.get_current_stream().ptr
+
+
+def empty(framework_name: str, shape, like):
+    """A new contiguous array of ``like``'s dtype and device."""
+    if framework_name == "torch":
+        import torch
+
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if framework_name == "cupy":
+        import cupy
+
+        with like.device:
+            return cupy.empty(shape, dtype=like.dtype)
+    return np.empty(shape, dtype=like.dtype)
+
+
+def to_float64(x):
+    """A float64 NumPy copy of a CPU array (torch bfloat16 included); None stays None."""
+    if x is None:
+        return None
+    if framework(x) == "torch":
+        import torch
+
+        return x.detach().to(dtype=torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def to_numpy(x):
+    """A NumPy view or copy of a CPU array of any dtype NumPy has (positions, ints)."""
+    if framework(x) == "torch":
+        return x.detach().numpy()
+    return np.asarray(x)
+
+
+def write_from_float64(dst, values) -> None:
+    """Round float64 ``values`` once to ``dst``'s dtype and store them into ``dst`` (CPU)."""
+    if framework(dst) == "torch":
+        import torch
+
+        dst.copy_(torch.from_numpy(np.ascontiguousarray(values)).to(dst.dtype))
+    else:
+        dst[...] = values.astype(dst.dtype)

@@ -1,0 +1,279 @@
+"""Kernel sources, the variant table (the dispatcher), compilation and the raw launch.
+
+One table, ``VARIANTS``, lists every template instance. It is both what ``precompile`` and the
+offline NVRTC check build and what ``select_variant`` may return, so the compiled set and the
+dispatchable set cannot drift.
+
+Launches bypass CuPy's argument marshalling: the kernel takes one struct by value, packed with
+``struct`` into a per-thread buffer, and goes to ``cuLaunchKernel`` directly. That keeps a call
+near the cost of one eager torch op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import re
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import cupy
+from cupy_backends.cuda.api import driver, runtime
+
+
+def _find_kernel_dir() -> Path:
+    # Installed wheels carry the sources as cuqk/kernels_cu (setup.cfg maps them there); a
+    # source checkout has them beside the package.
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "kernels_cu", here.parent / "kernels_cu"):
+        if (candidate / "common.cuh").is_file():
+            return candidate
+    raise ImportError(f"cuqk: CUDA sources not found next to {here}; the installation is broken")
+
+
+KERNEL_DIR = _find_kernel_dir()
+
+# name -> (C++ storage type, itemsize, runtime code shared with common.cuh's DtypeCode)
+DTYPES = {
+    "float32": ("float", 4, 0),
+    "float16": ("f16_t", 2, 1),
+    "bfloat16": ("bf16_t", 2, 2),
+}
+
+NVRTC_OPTIONS = ("--std=c++17",)
+BLOCK_THREADS = 256
+MIN_COMPUTE_CAPABILITY = 80
+_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)
+
+
+def load_source(family: str) -> str:
+    """Return ``kernels_cu/<family>.cu`` with local ``#include "..."`` lines inlined.
+
+    Inlining makes the source string cover every header, so CuPy's disk cache (keyed on the
+    source) recompiles when any of them changes.
+    """
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        text = (KERNEL_DIR / name).read_text()
+        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(f"{family}.cu")
+
+
+def source_fingerprint(family: str) -> str:
+    return hashlib.sha256(load_source(family).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One template instance of ``qk_norm_rope_kernel``."""
+
+    dtype: str
+    is_neox: bool
+    vec: int
+    max_units: int
+
+    @property
+    def name(self) -> str:
+        style = "neox" if self.is_neox else "gptj"
+        return f"qk_norm_rope_{self.dtype}_{style}_vec{self.vec}_units{self.max_units}"
+
+    @property
+    def expression(self) -> str:
+        ctype = DTYPES[self.dtype][0]
+        neox = "true" if self.is_neox else "false"
+        return f"qk_norm_rope_kernel<{ctype}, {neox}, {self.vec}, {self.max_units}>"
+
+
+def wide_vec(dtype: str) -> int:
+    """Elements in one 16-byte access of ``dtype``."""
+    return 16 // DTYPES[dtype][1]
+
+
+# Wide (16-byte) instances need 1 unit per lane except float32 past head_dim 256; the scalar
+# fallback for unaligned data holds up to 256 units per head over 32 lanes.
+_SCALAR_UNITS = 8
+
+
+def _build_variants() -> tuple[Variant, ...]:
+    out = []
+    for dtype in DTYPES:
+        for is_neox in (True, False):
+            vec = wide_vec(dtype)
+            for units in (1, 2) if dtype == "float32" else (1,):
+                out.append(Variant(dtype, is_neox, vec, units))
+            out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS))
+    return tuple(out)
+
+
+VARIANTS = _build_variants()
+_BY_KEY = {}
+for _v in VARIANTS:
+    _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec), []).append(_v)
+
+
+def lanes_and_units(head_dim: int, vec: int) -> tuple[int, int]:
+    """Threads per head (a power of two <= 32) and the units each must hold."""
+    units = head_dim // (2 * vec)
+    lanes = min(32, 1 << (units - 1).bit_length())
+    return lanes, -(-units // lanes)
+
+
+def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int) -> Variant:
+    """The smallest instance that holds ``units_per_lane``; ValueError if none does."""
+    for variant in _BY_KEY.get((dtype, is_neox, vec), ()):
+        if variant.max_units >= units_per_lane:
+            return variant
+    supported = sorted({(v.dtype, v.vec, v.max_units) for v in VARIANTS})
+    raise ValueError(
+        f"no kernel variant for dtype={dtype}, is_neox={is_neox}, vec={vec}, "
+        f"units_per_lane={units_per_lane}; supported (dtype, vec, max_units): {supported}"
+    )
+
+
+# ----------------------------------------------------------------------------- compilation
+
+_modules: dict[tuple[Variant, int], object] = {}
+_functions: dict[tuple[Variant, int], int] = {}
+_compile_lock = threading.Lock()
+
+
+def get_function(variant: Variant, device: int, stream: int = 0) -> int:
+    """Return the CUfunction handle of ``variant`` on ``device``, compiling it if needed."""
+    key = (variant, device)
+    func = _functions.get(key)
+    if func is not None:
+        return func
+    if stream and cupy.cuda.runtime.streamIsCapturing(stream):
+        raise RuntimeError(
+            f"cuqk kernel {variant.name} is not compiled yet and the stream is being captured "
+            "into a CUDA graph; call the op once before capture or run cuqk.precompile()"
+        )
+    with _compile_lock:
+        func = _functions.get(key)
+        if func is None:
+            with cupy.cuda.Device(device):
+                major, minor = cupy.cuda.Device(device).compute_capability
+                if int(major + minor) < MIN_COMPUTE_CAPABILITY:
+                    raise RuntimeError(
+                        f"cuqk needs compute capability 8.0 or newer; device {device} has "
+                        f"{major}.{minor}"
+                    )
+                module = cupy.RawModule(
+                    code=load_source("qk_norm_rope"),
+                    options=NVRTC_OPTIONS,
+                    name_expressions=[variant.expression],
+                )
+                func = module.get_function(variant.expression).ptr
+            _modules[key] = module
+            _functions[key] = func
+    return func
+
+
+def compiled_variants() -> list[tuple[str, int]]:
+    """Names and devices of the variants loaded in this process."""
+    return sorted((v.name, d) for v, d in _functions)
+
+
+def precompile(dtypes=None, device: int | None = None, progress=None) -> list[Variant]:
+    """Compile and load every variant (or those of ``dtypes``) for ``device`` (default: current).
+
+    ``progress``, if given, is called as ``progress(index, total, variant)`` after each one.
+    """
+    if device is None:
+        device = cupy.cuda.runtime.getDevice()
+    chosen = [v for v in VARIANTS if dtypes is None or v.dtype in dtypes]
+    for i, variant in enumerate(chosen):
+        get_function(variant, device)
+        if progress is not None:
+            progress(i + 1, len(chosen), variant)
+    return chosen
+
+
+def compile_offline(variant: Variant, arch: str) -> bytes:
+    """Compile ``variant`` to a cubin for ``arch`` (e.g. ``"sm_90"``) with NVRTC alone.
+
+    Needs no GPU, which is how CI checks that every variant builds for every target.
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(load_source("qk_norm_rope"), "qk_norm_rope.cu", (), ())
+    try:
+        nvrtc.addNameExpression(prog, variant.expression)
+        try:
+            nvrtc.compileProgram(prog, (*NVRTC_OPTIONS, f"--gpu-architecture={arch}"))
+        except nvrtc.NVRTCError as exc:
+            raise RuntimeError(f"{variant.name} ({arch}):\n{nvrtc.getProgramLog(prog)}") from exc
+        nvrtc.getLoweredName(prog, variant.expression)
+        return nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+# ----------------------------------------------------------------------------- launching
+
+# QkNormRopeParams in kernels_cu/qk_norm_rope.cu: eight pointers, then the fields a plan fixes.
+POINTER_FIELDS = (
+    "q_in", "k_in", "q_out", "k_out", "positions", "cache", "q_weight", "k_weight",
+)
+STATIC_FIELDS = (
+    "q_in_outer", "q_in_inner", "q_in_head", "k_in_outer", "k_in_inner", "k_in_head",
+    "q_out_outer", "q_out_inner", "q_out_head", "k_out_outer", "k_out_inner", "k_out_head",
+    "pos_stride_outer", "pos_stride_inner", "pos_is_int64",
+    "cache_row_stride", "max_position", "cache_dtype", "weight_dtype",
+    "num_tokens", "tokens_inner", "num_q_heads", "num_k_heads",
+    "head_dim", "rotary_dim", "norm_mode", "lanes_per_head",
+)
+_POINTERS = struct.Struct("<" + "Q" * len(POINTER_FIELDS))
+_STATICS = struct.Struct("<" + "q" * len(STATIC_FIELDS) + "d")
+PARAMS_SIZE = _POINTERS.size + _STATICS.size
+
+
+def pack_statics(values: dict, eps: float) -> bytes:
+    """The plan-constant tail of the kernel's parameter struct."""
+    return _STATICS.pack(*(int(values[name]) for name in STATIC_FIELDS), float(eps))
+
+
+class _ThreadBuffers(threading.local):
+    def __init__(self):
+        self.params = ctypes.create_string_buffer(PARAMS_SIZE)
+        self.argv = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
+        self.argv_addr = ctypes.addressof(self.argv)
+
+
+_buffers = _ThreadBuffers()
+_CUDA_ERROR_INVALID_CONTEXT = 201
+
+
+def _launch_raw(func, blocks, stream, device):
+    try:
+        driver.launchKernel(func, blocks, 1, 1, BLOCK_THREADS, 1, 1, 0, stream,
+                            _buffers.argv_addr, 0)
+    except driver.CUDADriverError as exc:
+        if getattr(exc, "status", None) != _CUDA_ERROR_INVALID_CONTEXT:
+            raise
+        runtime.setDevice(device)
+        driver.launchKernel(func, blocks, 1, 1, BLOCK_THREADS, 1, 1, 0, stream,
+                            _buffers.argv_addr, 0)
+
+
+def launch(func: int, blocks: int, stream: int, device: int, pointers, statics: bytes) -> None:
+    """Launch ``func`` on ``blocks`` x BLOCK_THREADS threads of ``stream`` on ``device``.
+
+    A thread on which the driver has no context bound yet (the runtime binds it lazily) gets
+    the device's primary context and the launch is retried once.
+    """
+    params = _buffers.params
+    _POINTERS.pack_into(params, 0, *pointers)
+    params[_POINTERS.size:PARAMS_SIZE] = statics
+    if runtime.getDevice() == device:
+        _launch_raw(func, blocks, stream, device)
+    else:
+        with cupy.cuda.Device(device):
+            _launch_raw(func, blocks, stream, device)

@@ -1,0 +1,150 @@
+// Device helpers shared by cuqk kernel families.
+//
+// The kernels include no CUDA header: 16-bit conversions are single PTX instructions and
+// vector accesses use the structs below. NVRTC then needs no toolkit include path (a pip-only
+// CUDA install works) and a variant compiles in a fraction of the time cuda_fp16.h costs.
+// Requires compute capability 8.0 (cvt.rn.bf16.f32).
+#pragma once
+
+typedef unsigned short cuqk_u16;
+typedef unsigned int cuqk_u32;
+
+/// \brief Storage tags for 16-bit element types; only their size and conversions matter.
+struct bf16_t { cuqk_u16 bits; };
+struct f16_t { cuqk_u16 bits; };
+
+/// \brief Runtime dtype codes, shared with cuqk/_jit.py (DTYPE_CODES).
+enum DtypeCode { DTYPE_F32 = 0, DTYPE_F16 = 1, DTYPE_BF16 = 2 };
+
+struct alignas(16) U32x4 { cuqk_u32 x, y, z, w; };
+struct alignas(8) U32x2 { cuqk_u32 x, y; };
+
+__device__ __forceinline__ float u16_to_float(cuqk_u16 h, bf16_t) {
+  return __uint_as_float(static_cast<cuqk_u32>(h) << 16);
+}
+__device__ __forceinline__ float u16_to_float(cuqk_u16 h, f16_t) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+__device__ __forceinline__ cuqk_u16 float_to_u16(float f, bf16_t) {
+  cuqk_u16 h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+__device__ __forceinline__ cuqk_u16 float_to_u16(float f, f16_t) {
+  cuqk_u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+/// \brief Loads N consecutive 32-bit words with the widest access their count allows.
+/// \tparam N words; the pointer must be aligned to the access width (checked on the host).
+template <int N>
+__device__ __forceinline__ void load_words(const void* ptr, cuqk_u32 (&w)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const U32x4 v = reinterpret_cast<const U32x4*>(ptr)[i];
+      w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+    }
+  } else if constexpr (N % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      const U32x2 v = reinterpret_cast<const U32x2*>(ptr)[i];
+      w[2 * i] = v.x; w[2 * i + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) w[i] = reinterpret_cast<const cuqk_u32*>(ptr)[i];
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void store_words(void* ptr, const cuqk_u32 (&w)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      reinterpret_cast<U32x4*>(ptr)[i] = U32x4{w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]};
+    }
+  } else if constexpr (N % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      reinterpret_cast<U32x2*>(ptr)[i] = U32x2{w[2 * i], w[2 * i + 1]};
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) reinterpret_cast<cuqk_u32*>(ptr)[i] = w[i];
+  }
+}
+
+/// \brief Loads N consecutive elements of storage type T and widens them to float32.
+/// \tparam T float, bf16_t or f16_t. The pointer is aligned to N * sizeof(T) bytes (at most 16).
+template <typename T, int N>
+__device__ __forceinline__ void load_as_float(const T* ptr, float (&out)[N]) {
+  if constexpr (sizeof(T) == 4) {
+    cuqk_u32 w[N];
+    load_words<N>(ptr, w);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = __uint_as_float(w[i]);
+  } else if constexpr (N % 2 == 0) {
+    cuqk_u32 w[N / 2];
+    load_words<N / 2>(ptr, w);
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      out[2 * i] = u16_to_float(static_cast<cuqk_u16>(w[i] & 0xffffu), T{});
+      out[2 * i + 1] = u16_to_float(static_cast<cuqk_u16>(w[i] >> 16), T{});
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      out[i] = u16_to_float(reinterpret_cast<const cuqk_u16*>(ptr)[i], T{});
+    }
+  }
+}
+
+/// \brief Rounds N float32 values to storage type T once and stores them.
+template <typename T, int N>
+__device__ __forceinline__ void store_from_float(T* ptr, const float (&in)[N]) {
+  if constexpr (sizeof(T) == 4) {
+    cuqk_u32 w[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) w[i] = __float_as_uint(in[i]);
+    store_words<N>(ptr, w);
+  } else if constexpr (N % 2 == 0) {
+    cuqk_u32 w[N / 2];
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      w[i] = static_cast<cuqk_u32>(float_to_u16(in[2 * i], T{})) |
+             (static_cast<cuqk_u32>(float_to_u16(in[2 * i + 1], T{})) << 16);
+    }
+    store_words<N / 2>(ptr, w);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) reinterpret_cast<cuqk_u16*>(ptr)[i] = float_to_u16(in[i], T{});
+  }
+}
+
+/// \brief Like load_as_float, with the element type chosen at run time (a DtypeCode).
+/// Used for small side inputs (weights, cos/sin rows) whose dtype is independent of the
+/// activations, so it costs a uniform branch rather than a template instance per combination.
+template <int N>
+__device__ __forceinline__ void load_as_float_dyn(const void* ptr, long long elem_offset,
+                                                  int dtype, float (&out)[N]) {
+  if (dtype == DTYPE_F32) {
+    load_as_float<float, N>(static_cast<const float*>(ptr) + elem_offset, out);
+  } else if (dtype == DTYPE_BF16) {
+    load_as_float<bf16_t, N>(static_cast<const bf16_t*>(ptr) + elem_offset, out);
+  } else {
+    load_as_float<f16_t, N>(static_cast<const f16_t*>(ptr) + elem_offset, out);
+  }
+}
+
+/// \brief Sum over aligned groups of GROUP lanes (a power of two, at most 32).
+/// Every lane of the warp must call it: shuffles inside a divergent branch are undefined.
+__device__ __forceinline__ float group_sum(float v, int group) {
+  for (int offset = group >> 1; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}

@@ -1,0 +1,417 @@
+"""cuqk.qk_norm_rope_ / qk_norm_rope: CPU part (reference path, bad input) and GPU part (kernels
+against the float64 reference on the GPU)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from conftest import HAS_GPU, TOLERANCES, assert_matches, cos_sin_cache64, requires_gpu
+
+import cuqk
+from cuqk import reference
+
+DTYPES = ("bfloat16", "float16", "float32")
+HEAD_DIMS = (32, 64, 80, 96, 128, 192, 256, 512)
+
+
+# ============================================================================ CPU part
+
+
+def _numpy_case(seed=0, T=6, Hq=4, Hk=2, Hv=2, D=64, rotary=None, max_pos=50):
+    rng = np.random.default_rng(seed)
+    rotary = rotary or D
+    qkv = rng.standard_normal((T, (Hq + Hk + Hv) * D)).astype(np.float32)
+    pos = rng.integers(0, max_pos, T)
+    cache = cos_sin_cache64(max_pos, rotary).astype(np.float32)
+    w = (1 + 0.3 * rng.standard_normal(D)).astype(np.float32)
+    return dict(qkv=qkv, positions=pos, q_weight=w, k_weight=w[::-1].copy(),
+                cos_sin_cache=cache), dict(num_q_heads=Hq, num_kv_heads=Hk, head_dim=D)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("norm", ["rms", "gemma", "none"])
+def test_cpu_numpy_inplace_matches_reference(is_neox, norm):
+    arrays, dims = _numpy_case(rotary=32)
+    if norm == "none":
+        arrays.update(q_weight=None, k_weight=None)
+    orig = arrays["qkv"].copy()
+    ref = reference.qkv_norm_rope(orig, arrays["positions"], arrays["q_weight"],
+                                  arrays["k_weight"], arrays["cos_sin_cache"], **dims,
+                                  is_neox=is_neox, norm=norm)
+    out = cuqk.qk_norm_rope_(*arrays.values(), **dims, is_neox=is_neox, norm=norm)
+    assert out is arrays["qkv"]
+    assert_matches(out, ref, "float32", "numpy in place")
+    v_start = (dims["num_q_heads"] + dims["num_kv_heads"]) * dims["head_dim"]
+    assert np.array_equal(out[:, v_start:], orig[:, v_start:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_torch_out_of_place(dtype):
+    torch = pytest.importorskip("torch")
+    arrays, dims = _numpy_case(seed=1)
+    Hq, Hk, D = dims["num_q_heads"], dims["num_kv_heads"], dims["head_dim"]
+    qkv = torch.from_numpy(arrays["qkv"]).to(getattr(torch, dtype))
+    q = qkv[:, : Hq * D].view(-1, Hq, D)
+    k = qkv[:, Hq * D:(Hq + Hk) * D].view(-1, Hk, D)
+    w = torch.from_numpy(arrays["q_weight"])
+    pos = torch.from_numpy(arrays["positions"])
+    cache = torch.from_numpy(arrays["cos_sin_cache"])
+    q_out, k_out = cuqk.qk_norm_rope(q, k, pos, w, w, cache)
+    assert q_out.dtype == qkv.dtype and q_out.shape == q.shape and k_out.shape == k.shape
+    q_ref, k_ref = reference.qk_norm_rope(q.double().numpy(), k.double().numpy(), pos.numpy(),
+                                          w.numpy(), w.numpy(), cache.numpy())
+    assert_matches(q_out.double().numpy(), q_ref, dtype, "q")
+    assert_matches(k_out.double().numpy(), k_ref, dtype, "k")
+
+
+def test_cpu_zero_tokens():
+    arrays, dims = _numpy_case(T=0)
+    out = cuqk.qk_norm_rope_(*arrays.values(), **dims)
+    assert out.shape[0] == 0
+
+
+def _bad_inputs():
+    """(description, change to the valid numpy case, exception type, words the message has)."""
+    f16 = np.float16
+    return [
+        ("qkv int", lambda a, d: a.update(qkv=a["qkv"].astype(np.int32)), TypeError, "qkv"),
+        ("qkv width", lambda a, d: a.update(qkv=a["qkv"][:, :-64]), ValueError, "qkv"),
+        ("qkv last dim strided", lambda a, d: a.update(
+            qkv=np.repeat(a["qkv"], 2, axis=1)[:, ::2]), ValueError, "contiguous"),
+        ("head_dim 40", lambda a, d: d.update(head_dim=40), ValueError, "head_dim"),
+        ("head_dim 528", lambda a, d: d.update(head_dim=528), ValueError, "head_dim"),
+        ("num_q_heads 0", lambda a, d: d.update(num_q_heads=0), ValueError, "num_q_heads"),
+        ("num_kv_heads float", lambda a, d: d.update(num_kv_heads=2.0), ValueError,
+         "num_kv_heads"),
+        ("positions float", lambda a, d: a.update(
+            positions=a["positions"].astype(np.float32)), TypeError, "positions"),
+        ("positions shape", lambda a, d: a.update(positions=a["positions"][:-1]), ValueError,
+         "positions"),
+        ("q_weight dtype", lambda a, d: a.update(q_weight=a["q_weight"].astype(f16)),
+         TypeError, "q_weight"),
+        ("k_weight shape", lambda a, d: a.update(k_weight=a["k_weight"][:-1]), ValueError,
+         "k_weight"),
+        ("weights dtypes differ", lambda a, d: (a.update(qkv=a["qkv"].astype(f16)), a.update(
+            q_weight=a["q_weight"].astype(f16))), TypeError, "share a dtype"),
+        ("cache int", lambda a, d: a.update(
+            cos_sin_cache=a["cos_sin_cache"].astype(np.int32)), TypeError, "cos_sin_cache"),
+        ("cache 1-D", lambda a, d: a.update(cos_sin_cache=a["cos_sin_cache"][0]), ValueError,
+         "cos_sin_cache"),
+        ("cache odd width", lambda a, d: a.update(
+            cos_sin_cache=a["cos_sin_cache"][:, :-1]), ValueError, "rotary_dim"),
+        ("rotary_dim mismatch", lambda a, d: d.update(rotary_dim=32), ValueError,
+         "cos_sin_cache"),
+        ("rotary_dim > head_dim", lambda a, d: a.update(
+            cos_sin_cache=np.zeros((5, 80), np.float32)), ValueError, "rotary_dim"),
+        ("norm name", lambda a, d: d.update(norm="layer"), ValueError, "norm"),
+        ("norm none with weights", lambda a, d: d.update(norm="none"), ValueError, "weights"),
+        ("eps negative", lambda a, d: d.update(eps=-1.0), ValueError, "eps"),
+        ("eps nan", lambda a, d: d.update(eps=float("nan")), ValueError, "eps"),
+        ("is_neox int", lambda a, d: d.update(is_neox=1), TypeError, "is_neox"),
+        ("list input", lambda a, d: a.update(positions=list(a["positions"])), TypeError,
+         "expected"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda c: c[0])
+def test_cpu_bad_input_raises_and_writes_nothing(case):
+    _, change, exc_type, words = case
+    arrays, dims = _numpy_case()
+    change(arrays, dims)
+    before = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in arrays.items()}
+    with pytest.raises(exc_type, match=words):
+        cuqk.qk_norm_rope_(*arrays.values(), **dims)
+    for name, value in arrays.items():
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(value, before[name], equal_nan=True), f"{name} was written"
+
+
+def test_cpu_mixed_frameworks_raise():
+    torch = pytest.importorskip("torch")
+    arrays, dims = _numpy_case()
+    arrays["positions"] = torch.from_numpy(arrays["positions"])
+    with pytest.raises(TypeError, match="positions is a torch array"):
+        cuqk.qk_norm_rope_(*arrays.values(), **dims)
+
+
+def test_cpu_out_of_place_bad_shapes():
+    arrays, _ = _numpy_case()
+    q = arrays["qkv"][:, :256].reshape(6, 4, 64)
+    k = arrays["qkv"][:, 256:384].reshape(6, 2, 64)
+    args = (arrays["positions"], arrays["q_weight"], arrays["k_weight"], arrays["cos_sin_cache"])
+    with pytest.raises(ValueError, match="k must be"):
+        cuqk.qk_norm_rope(q, k[:5], *args)
+    with pytest.raises(TypeError, match="k must have q's dtype"):
+        cuqk.qk_norm_rope(q, k.astype(np.float16), *args)
+    with pytest.raises(ValueError, match="q must be"):
+        cuqk.qk_norm_rope(q[0, 0], k, *args)
+
+
+# ============================================================================ GPU part
+if HAS_GPU:
+    import cupy
+    import torch
+
+    TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+                    "float32": torch.float32}
+
+
+def _ref_on_gpu(x64, positions, q_weight, k_weight, cache, **kwargs):
+    """cuqk.reference evaluated by CuPy in float64 on the GPU; torch float64 in and out."""
+    as_cp = (lambda t: None if t is None else cupy.from_dlpack(t.detach().double().contiguous()))
+    out = reference.qkv_norm_rope(as_cp(x64), cupy.from_dlpack(positions.contiguous()),
+                                  as_cp(q_weight), as_cp(k_weight), as_cp(cache),
+                                  xp=cupy, **kwargs)
+    return torch.from_dlpack(out)
+
+
+def _rel_l2_gpu(out, ref):
+    out = out.double()
+    bad = ~torch.isfinite(out)
+    if not torch.equal(bad, ~torch.isfinite(ref)):
+        return float("inf")
+    diff = torch.linalg.vector_norm((out - ref)[~bad])
+    norm = torch.linalg.vector_norm(ref[~bad])
+    return float(diff / norm) if norm else float(diff)
+
+
+LAYOUTS = ("contiguous", "strided", "misaligned", "3d", "noncollapsible")
+
+
+_BUFFER_SHAPES = {
+    "contiguous": lambda T, W: (T, W),
+    "strided": lambda T, W: (T, W + 48),
+    "misaligned": lambda T, W: (T * W + 1,),
+    "3d": lambda T, W: (2, T, W),
+    "noncollapsible": lambda T, W: (2, T + 3, W + 16),
+}
+_VIEWS = {
+    "contiguous": lambda b, T, W: b,
+    "strided": lambda b, T, W: b[:, :W],
+    "misaligned": lambda b, T, W: b[1:].view(T, W),
+    "3d": lambda b, T, W: b,
+    "noncollapsible": lambda b, T, W: b[:, :T, :W],
+}
+
+
+def _packed_view(T, width, dtype, layout, gen):
+    """A qkv view of ``layout`` inside a NaN-poisoned buffer, filled with N(0, 1) values.
+
+    Returns (buffer, view). Only the view's elements hold data; the rest stays NaN.
+    """
+    buf = torch.full(_BUFFER_SHAPES[layout](T, width), float("nan"),
+                     dtype=TORCH_DTYPES[dtype], device="cuda")
+    view = _VIEWS[layout](buf, T, width)
+    view.copy_(torch.randn(view.shape, generator=gen, device="cuda", dtype=torch.float32))
+    return buf, view
+
+
+def run_packed(dtype="bfloat16", T=7, Hq=4, Hk=2, Hv=2, D=128, rotary=None, is_neox=True,
+               norm="rms", weight="act", cache_dtype="float32", pos_dtype="int64",
+               layout="contiguous", max_pos=4096, seed=0, bad_positions=False, use_cupy=False):
+    """Run one in-place case on the GPU and check it against the float64 reference."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    rotary = rotary or D
+    width = (Hq + Hk + Hv) * D
+    buf, qkv = _packed_view(T, width, dtype, layout, gen)
+    lead = qkv.shape[:-1]
+    positions = torch.randint(0, max_pos, lead, generator=gen, device="cuda",
+                              dtype=getattr(torch, pos_dtype))
+    if bad_positions:
+        flat = positions.view(-1)
+        flat[::3] = -1
+        flat[1::3] = max_pos
+    cache = torch.from_numpy(cos_sin_cache64(max_pos, rotary)).cuda().to(
+        TORCH_DTYPES[cache_dtype])
+    weights = [None, None]
+    if weight is not None:
+        wdt = TORCH_DTYPES[dtype if weight == "act" else weight]
+        weights = [1 + 0.5 * torch.randn(D, generator=gen, device="cuda").to(wdt)
+                   for _ in range(2)]
+    dims = dict(num_q_heads=Hq, num_kv_heads=Hk, head_dim=D)
+    flags = dict(eps=1e-6, is_neox=is_neox, norm=norm)
+    ref = _ref_on_gpu(qkv, positions, *weights, cache, **dims, **flags)
+    before = buf.clone()
+
+    args = (qkv, positions, *weights, cache)
+    if use_cupy:
+        args = tuple(None if a is None else cupy.from_dlpack(a) for a in args)
+    out = cuqk.qk_norm_rope_(*args, **dims, **flags, num_v_heads=Hv,
+                             rotary_dim=rotary if rotary != D else None)
+    assert out is args[0]
+    torch.cuda.synchronize()
+
+    k_end = (Hq + Hk) * D
+    err = _rel_l2_gpu(qkv[..., :k_end], ref[..., :k_end])
+    assert err <= TOLERANCES[dtype], f"relative L2 error {err:.3g} ({dtype})"
+    # Everything outside the q and k heads (v heads, row padding, poison) is bit-for-bit intact.
+    untouched = torch.ones_like(buf, dtype=torch.bool)
+    _VIEWS[layout](untouched, T, width)[..., :k_end] = False
+    bits = torch.int32 if dtype == "float32" else torch.int16
+    assert torch.equal(buf.view(bits)[untouched], before.view(bits)[untouched]), "wrote outside q/k"
+    return qkv
+
+
+def _grid_main():
+    """dtype x head_dim x style x (full, partial) rotary; T and layout cycle through."""
+    cases = []
+    token_counts = itertools.cycle((1, 7, 33, 1000))
+    for dtype, D, is_neox, partial in itertools.product(DTYPES, HEAD_DIMS, (True, False),
+                                                        (False, True)):
+        rotary = D // 2 if partial else D
+        cases.append(dict(dtype=dtype, D=D, is_neox=is_neox, rotary=rotary,
+                          T=next(token_counts)))
+    return cases
+
+
+def _case_id(case):
+    return "-".join(f"{k}={v}" for k, v in case.items())
+
+
+@requires_gpu
+@pytest.mark.parametrize("case", _grid_main(), ids=_case_id)
+def test_gpu_grid(case):
+    run_packed(**case, seed=hash(_case_id(case)) % 2**31)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm,weight", [("rms", "act"), ("rms", "float32"), ("rms", None),
+                                         ("gemma", "act"), ("gemma", "float32"),
+                                         ("none", None)])
+def test_gpu_norm_and_weights(dtype, norm, weight):
+    run_packed(dtype=dtype, norm=norm, weight=weight, T=100)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cache_dtype", DTYPES)
+@pytest.mark.parametrize("pos_dtype", ["int32", "int64"])
+def test_gpu_cache_and_position_dtypes(dtype, cache_dtype, pos_dtype):
+    run_packed(dtype=dtype, cache_dtype=cache_dtype, pos_dtype=pos_dtype, T=50, D=64,
+               is_neox=pos_dtype == "int64")
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_gpu_layouts(dtype, layout, is_neox):
+    run_packed(dtype=dtype, layout=layout, is_neox=is_neox, T=37, D=96, rotary=64)
+
+
+@requires_gpu
+@pytest.mark.parametrize("D,rotary", [(32, 2), (48, 6), (80, 34), (80, 80), (112, 40),
+                                      (496, 310), (512, 8)])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_odd_rotary_and_head_dims(D, rotary, is_neox, dtype):
+    """Partial rotary that is not a multiple of the vector width x GPT-J x odd head_dim."""
+    run_packed(dtype=dtype, D=D, rotary=rotary, is_neox=is_neox, T=19, Hq=3, Hk=1, Hv=0)
+
+
+@requires_gpu
+@pytest.mark.parametrize("T", [0, 1, 7, 1000, 70000])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_token_counts(T, dtype):
+    run_packed(dtype=dtype, T=T, Hq=32, Hk=8, Hv=8, D=128, max_pos=100000)
+
+
+@requires_gpu
+def test_gpu_qwen3_shape_gptj_d256_long():
+    run_packed(dtype="bfloat16", T=70000, Hq=16, Hk=4, Hv=4, D=256, is_neox=False,
+               max_pos=131072)
+
+
+@requires_gpu
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_gpu_out_of_range_positions_give_nan_rows(is_neox):
+    qkv = run_packed(T=30, bad_positions=True, is_neox=is_neox, rotary=64)
+    assert torch.isnan(qkv[0, :64]).any() or torch.isnan(qkv[0, 64:128]).any()
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_cupy_inplace(dtype):
+    run_packed(dtype=dtype, T=64, use_cupy=True, layout="strided")
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["packed_views", "transposed", "batched"])
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+def test_gpu_out_of_place(dtype, layout, framework):
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    T, Hq, Hk, D = 45, 8, 2, 128
+    tdt = TORCH_DTYPES[dtype]
+    if layout == "packed_views":
+        qkv = torch.randn(T, (Hq + 2 * Hk) * D, generator=gen, device="cuda").to(tdt)
+        q = qkv[:, : Hq * D].view(T, Hq, D)
+        k = qkv[:, Hq * D:(Hq + Hk) * D].view(T, Hk, D)
+        lead = (T,)
+    elif layout == "transposed":
+        q = torch.randn(Hq, T, D, generator=gen, device="cuda").to(tdt).transpose(0, 1)
+        k = torch.randn(Hk, T, D, generator=gen, device="cuda").to(tdt).transpose(0, 1)
+        lead = (T,)
+    else:
+        q = torch.randn(3, T, Hq, D, generator=gen, device="cuda").to(tdt)
+        k = torch.randn(3, T, Hk, D, generator=gen, device="cuda").to(tdt)
+        lead = (3, T)
+    positions = torch.randint(0, 500, lead, generator=gen, device="cuda")
+    cache = torch.from_numpy(cos_sin_cache64(500, D)).cuda().float()
+    qw = torch.randn(D, generator=gen, device="cuda").to(tdt)
+    kw = torch.randn(D, generator=gen, device="cuda").to(tdt)
+    q_before, k_before = q.clone(), k.clone()
+    args = (q, k, positions, qw, kw, cache)
+    if framework == "cupy":
+        args = tuple(cupy.from_dlpack(a) for a in args)
+    q_out, k_out = cuqk.qk_norm_rope(*args, is_neox=False)
+    assert type(q_out) is type(args[0])
+    q_out, k_out = torch.from_dlpack(q_out), torch.from_dlpack(k_out)
+    torch.cuda.synchronize()
+    assert q_out.is_contiguous() and q_out.shape == q.shape and k_out.shape == k.shape
+    assert torch.equal(q, q_before) and torch.equal(k, k_before)
+    as_cp = (lambda t: cupy.from_dlpack(t.double().contiguous()))
+    q_ref, k_ref = reference.qk_norm_rope(as_cp(q), as_cp(k), cupy.from_dlpack(positions),
+                                          as_cp(qw), as_cp(kw), as_cp(cache), is_neox=False,
+                                          xp=cupy)
+    for out, ref, name in ((q_out, q_ref, "q"), (k_out, k_ref, "k")):
+        err = _rel_l2_gpu(out, torch.from_dlpack(ref))
+        assert err <= TOLERANCES[dtype], f"{name}: relative L2 error {err:.3g}"
+
+
+@requires_gpu
+def test_gpu_bad_device_mix_writes_nothing():
+    qkv = torch.randn(4, 8 * 64, device="cuda", dtype=torch.bfloat16)
+    before = qkv.clone()
+    cache = torch.from_numpy(cos_sin_cache64(16, 64)).float()
+    with pytest.raises(ValueError, match="cos_sin_cache is on the CPU but qkv is on cuda:0"):
+        cuqk.qk_norm_rope_(qkv, torch.zeros(4, dtype=torch.long, device="cuda"), None, None,
+                           cache, num_q_heads=4, num_kv_heads=2, head_dim=64)
+    with pytest.raises(TypeError, match="positions is a cupy array"):
+        cuqk.qk_norm_rope_(qkv, cupy.zeros(4, dtype=cupy.int64), None, None, cache.cuda(),
+                           num_q_heads=4, num_kv_heads=2, head_dim=64)
+    torch.cuda.synchronize()
+    assert torch.equal(qkv, before)
+
+
+@requires_gpu
+def test_gpu_runs_on_current_stream():
+    """Work queued on a side stream before the call is seen by the call (same stream)."""
+    D, Hq, Hk = 128, 8, 2
+    qkv = torch.randn(4096, (Hq + 2 * Hk) * D, device="cuda", dtype=torch.bfloat16)
+    positions = torch.randint(0, 64, (4096,), device="cuda")
+    cache = torch.from_numpy(cos_sin_cache64(64, D)).cuda().float()
+    dims = dict(num_q_heads=Hq, num_kv_heads=Hk, head_dim=D)
+    expected = qkv.clone().mul_(3)
+    cuqk.qk_norm_rope_(expected, positions, None, None, cache, **dims)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(20_000_000)
+        qkv.mul_(3)
+        cuqk.qk_norm_rope_(qkv, positions, None, None, cache, **dims)
+    torch.cuda.synchronize()
+    assert torch.equal(qkv, expected)
