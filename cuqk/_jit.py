@@ -139,7 +139,7 @@ def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int) -> 
 
 # ----------------------------------------------------------------------------- compilation
 
-_modules: dict[tuple[Variant, int], object] = {}
+_kernels: dict[tuple[Variant, int], object] = {}  # cupy.RawKernel, kept alive for its handle
 _functions: dict[tuple[Variant, int], int] = {}
 _compile_lock = threading.Lock()
 
@@ -170,8 +170,9 @@ def get_function(variant: Variant, device: int, stream: int = 0) -> int:
                     options=NVRTC_OPTIONS,
                     name_expressions=[variant.expression],
                 )
-                func = module.get_function(variant.expression).ptr
-            _modules[key] = module
+                kernel = module.get_function(variant.expression)
+                func = kernel.kernel.ptr
+            _kernels[key] = kernel
             _functions[key] = func
     return func
 
@@ -179,6 +180,12 @@ def get_function(variant: Variant, device: int, stream: int = 0) -> int:
 def compiled_variants() -> list[tuple[str, int]]:
     """Names and devices of the variants loaded in this process."""
     return sorted((v.name, d) for v, d in _functions)
+
+
+def resource_usage(variant: Variant, device: int) -> str:
+    """Registers and local-memory bytes per thread of a loaded variant (spills show here)."""
+    kernel = _kernels[(variant, device)]
+    return f"{kernel.num_regs} registers, {kernel.local_size_bytes} B local"
 
 
 def precompile(dtypes=None, device: int | None = None, progress=None) -> list[Variant]:

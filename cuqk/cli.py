@@ -23,6 +23,12 @@ def _gpu_count() -> int:
         return 0
 
 
+def cupy_device() -> int:
+    import cupy
+
+    return cupy.cuda.runtime.getDevice()
+
+
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
@@ -78,6 +84,9 @@ def cmd_precompile(_args) -> int:
 
     done = _jit.precompile(progress=progress)
     print(f"\nprecompiled {len(done)} variants in {time.perf_counter() - start:.1f} s")
+    device = cupy_device()
+    for variant in done:
+        print(f"  {variant.name:<45} {_jit.resource_usage(variant, device)}")
     return 0
 
 

@@ -1,7 +1,7 @@
 // Fused per-head RMSNorm + rotary embedding for the query and key heads of attention.
 //
-// Data layout. A "head" is head_dim contiguous elements. The q heads of token t, head h live at
-//   q_in.ptr + outer * q_in.stride_outer + inner * q_in.stride_inner + h * q_in.stride_head
+// Data layout. A "head" is head_dim contiguous elements. Head h of token t lives at
+//   q_in + outer * q_in_strides.outer + inner * q_in_strides.inner + h * q_in_strides.head
 // (element strides; token t = outer * tokens_inner + inner), likewise k_in, q_out, k_out. In
 // place, *_out equal *_in; packed qkv is q | k | v per row, and v is never touched.
 //
@@ -16,18 +16,20 @@
 // and no data is exchanged between lanes except the sum of squares.
 #include "common.cuh"
 
-/// \brief One tensor of heads: data pointer and element strides (see the layout above).
-struct HeadTensor {
-  long long ptr, stride_outer, stride_inner, stride_head;
+/// \brief Element strides of one tensor of heads (see the layout above).
+struct HeadStrides {
+  long long outer, inner, head;
 };
 
-/// \brief Kernel arguments, passed by value as one struct; every field is 8 bytes so the
-/// host packs it with a flat format (cuqk/_jit.py, PARAM_FIELDS) and no padding rules apply.
+/// \brief Kernel arguments, passed by value as one struct. Every field is 8 bytes, so the
+/// host packs it with a flat format and no padding rules apply; the order is mirrored by
+/// POINTER_FIELDS and STATIC_FIELDS in cuqk/_jit.py (a CPU test compares them). Pointers come
+/// first so a launch rewrites only the first 64 bytes of a plan's packed struct.
 struct QkNormRopeParams {
-  HeadTensor q_in, k_in, q_out, k_out;
-  long long positions, pos_stride_outer, pos_stride_inner, pos_is_int64;
-  long long cache, cache_row_stride, max_position, cache_dtype;
-  long long q_weight, k_weight, weight_dtype;
+  long long q_in, k_in, q_out, k_out, positions, cache, q_weight, k_weight;
+  HeadStrides q_in_strides, k_in_strides, q_out_strides, k_out_strides;
+  long long pos_stride_outer, pos_stride_inner, pos_is_int64;
+  long long cache_row_stride, max_position, cache_dtype, weight_dtype;
   long long num_tokens, tokens_inner, num_q_heads, num_k_heads;
   long long head_dim, rotary_dim, norm_mode, lanes_per_head;
   double eps;
@@ -89,16 +91,13 @@ __global__ void __launch_bounds__(256) qk_norm_rope_kernel(const QkNormRopeParam
       outer = token / static_cast<unsigned>(p.tokens_inner);
       inner = token - outer * p.tokens_inner;
     }
-    const T_IN* src = reinterpret_cast<const T_IN*>(is_q ? p.q_in.ptr : p.k_in.ptr) +
-                      (is_q ? outer * p.q_in.stride_outer + inner * p.q_in.stride_inner +
-                                  h * p.q_in.stride_head
-                            : outer * p.k_in.stride_outer + inner * p.k_in.stride_inner +
-                                  h * p.k_in.stride_head);
-    T_IN* dst = reinterpret_cast<T_IN*>(is_q ? p.q_out.ptr : p.k_out.ptr) +
-                (is_q ? outer * p.q_out.stride_outer + inner * p.q_out.stride_inner +
-                            h * p.q_out.stride_head
-                      : outer * p.k_out.stride_outer + inner * p.k_out.stride_inner +
-                            h * p.k_out.stride_head);
+    // Field-by-field selects: a reference to a kernel parameter would copy it to local memory.
+    const HeadStrides in = is_q ? p.q_in_strides : p.k_in_strides;
+    const HeadStrides out = is_q ? p.q_out_strides : p.k_out_strides;
+    const T_IN* src = reinterpret_cast<const T_IN*>(is_q ? p.q_in : p.k_in) +
+                      (outer * in.outer + inner * in.inner + h * in.head);
+    T_IN* dst = reinterpret_cast<T_IN*>(is_q ? p.q_out : p.k_out) +
+                (outer * out.outer + inner * out.inner + h * out.head);
 
     long long pos = 0;
     if (active) {

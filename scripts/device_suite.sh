@@ -17,18 +17,7 @@ status=0
 if [[ $what == all || $what == tests ]]; then
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/env.txt"
   python3 -m cuqk info 2>&1 | tee -a "$OUT/env.txt" || true
-  python3 - <<'PY' 2>&1 | tee "$OUT/resources.txt"
-import subprocess, tempfile, os
-from cuqk import _jit
-with tempfile.TemporaryDirectory() as d:
-    for v in _jit.VARIANTS:
-        path = os.path.join(d, v.name + ".cubin")
-        open(path, "wb").write(_jit.compile_offline(v, "sm_90"))
-        res = subprocess.run(["cuobjdump", "--dump-resource-usage", path], capture_output=True,
-                             text=True).stdout
-        line = [l.strip() for l in res.splitlines() if "REG" in l]
-        print(f"{v.name:45s} {line[0] if line else res.strip()[:200]}")
-PY
+  python3 -m cuqk precompile 2>&1 | tee "$OUT/precompile.txt"
   python3 -m pytest -q -rfE --durations=15 tests --junitxml="$OUT/junit.xml" 2>&1 \
     | tee "$OUT/pytest.log"
   status=$((status | ${PIPESTATUS[0]}))

@@ -1,0 +1,74 @@
+"""cuqk._jit: the variant table, the dispatcher, the parameter layout and NVRTC builds (CPU)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cuqk import _jit
+from cuqk.qk_norm_rope import HEAD_DIMS
+
+
+def test_variant_names_and_expressions_are_unique():
+    assert len({v.name for v in _jit.VARIANTS}) == len(_jit.VARIANTS)
+    assert len({v.expression for v in _jit.VARIANTS}) == len(_jit.VARIANTS)
+    for v in _jit.VARIANTS:
+        assert re.fullmatch(r"qk_norm_rope_kernel<\w+, (true|false), \d+, \d+>", v.expression)
+
+
+@pytest.mark.parametrize("dtype", list(_jit.DTYPES))
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("wide", [True, False])
+def test_every_head_dim_dispatches(dtype, is_neox, wide):
+    vec = _jit.wide_vec(dtype) if wide else 1
+    for head_dim in HEAD_DIMS:
+        lanes, units = _jit.lanes_and_units(head_dim, vec)
+        assert lanes & (lanes - 1) == 0 and lanes <= 32
+        assert lanes * units * 2 * vec >= head_dim
+        variant = _jit.select_variant(dtype, is_neox, vec, units)
+        assert variant in _jit.VARIANTS and variant.max_units >= units
+
+
+def test_unsupported_key_lists_supported_values():
+    with pytest.raises(ValueError, match="supported"):
+        _jit.select_variant("float64", True, 2, 1)
+
+
+def test_param_struct_matches_kernel_source():
+    """POINTER_FIELDS + STATIC_FIELDS mirror QkNormRopeParams field by field."""
+    source = _jit.load_source("qk_norm_rope")
+    body = re.search(r"struct QkNormRopeParams \{(.*?)\};", source, re.S).group(1)
+    sub_fields = re.search(r"struct HeadStrides \{(.*?)\};", source, re.S).group(1)
+    sub_names = re.findall(r"(\w+)[,;]", sub_fields)
+    names = []
+    for decl in body.strip().split(";"):
+        decl = decl.strip()
+        if not decl:
+            continue
+        ctype, rest = decl.split(None, 1) if not decl.startswith("long long") else (
+            "long long", decl[len("long long"):])
+        for name in (n.strip() for n in rest.split(",")):
+            if ctype == "HeadStrides":
+                names += [f"{name.removesuffix('_strides')}_{s}" for s in sub_names]
+            else:
+                names.append(name)
+    assert names == [*_jit.POINTER_FIELDS, *_jit.STATIC_FIELDS, "eps"]
+
+
+def test_source_inlines_headers_so_the_cache_key_tracks_them(tmp_path, monkeypatch):
+    for f in _jit.KERNEL_DIR.iterdir():
+        (tmp_path / f.name).write_text(f.read_text())
+    monkeypatch.setattr(_jit, "KERNEL_DIR", tmp_path)
+    before = _jit.source_fingerprint("qk_norm_rope")
+    assert '#include "common.cuh"' not in _jit.load_source("qk_norm_rope")
+    with open(tmp_path / "common.cuh", "a") as f:
+        f.write("\n// edited\n")
+    assert _jit.source_fingerprint("qk_norm_rope") != before
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("variant", _jit.VARIANTS, ids=lambda v: v.name)
+def test_nvrtc_compiles_every_variant(variant, arch):
+    cubin = _jit.compile_offline(variant, arch)
+    assert cubin[:4] == b"\x7fELF"
