@@ -1,0 +1,25 @@
+"""Qwen3-8B-shaped QK norm + RoPE on a packed qkv, in place, on a GPU if there is one.
+
+Run: python examples/quickstart.py   (without a GPU it runs the float64 reference on the CPU)
+"""
+
+import torch
+
+import cuqk
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+tokens, num_q_heads, num_kv_heads, head_dim, max_position = 16, 32, 8, 128, 4096
+
+qkv = torch.randn(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, device=device,
+                  dtype=torch.bfloat16)
+positions = torch.arange(tokens, device=device)
+q_weight = torch.ones(head_dim, device=device, dtype=torch.bfloat16)
+k_weight = torch.ones(head_dim, device=device, dtype=torch.bfloat16)
+inv_freq = 1.0 / 1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq
+cos_sin_cache = torch.cat([angles.cos(), angles.sin()], dim=1).float().to(device)
+
+cuqk.qk_norm_rope_(qkv, positions, q_weight, k_weight, cos_sin_cache,
+                   num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+q = qkv[:, : num_q_heads * head_dim].view(tokens, num_q_heads, head_dim)
+print(f"{device}: q head 0 of token 0 has RMS {q[0, 0].float().pow(2).mean().sqrt():.3f}")
