@@ -66,26 +66,33 @@ def _numpy_key(x):
     return (x.shape, x.strides, x.dtype, CPU, x.ctypes.data & 15)
 
 
+def _torch_pointer(x):
+    return x.data_ptr()
+
+
+def _cupy_pointer(x):
+    return x.data.ptr
+
+
+def _numpy_pointer(x):
+    return x.ctypes.data
+
+
 _KEYS = {"torch": _torch_key, "cupy": _cupy_key, "numpy": _numpy_key}
+POINTERS = {"torch": _torch_pointer, "cupy": _cupy_pointer, "numpy": _numpy_pointer}
+_KEY_BY_TYPE = {type(None): lambda x: None}
 
 
 def key(x):
-    """Hashable summary of ``x`` for the plan cache (None stays None)."""
-    if x is None:
-        return None
-    name = framework(x)
-    return (name, _KEYS[name](x))
+    """Hashable summary of ``x`` for the plan cache (shape, strides, dtype, device, alignment).
 
-
-def pointer(x) -> int:
-    if x is None:
-        return 0
-    name = framework(x)
-    if name == "torch":
-        return x.data_ptr()
-    if name == "cupy":
-        return x.data.ptr
-    return x.ctypes.data
+    Keys of different frameworks never compare equal (their dtype objects or devices differ).
+    """
+    try:
+        return _KEY_BY_TYPE[type(x)](x)
+    except KeyError:
+        _KEY_BY_TYPE[type(x)] = _KEYS[framework(x)]
+        return _KEY_BY_TYPE[type(x)](x)
 
 
 def info(x) -> ArrayInfo:
@@ -101,16 +108,23 @@ def info(x) -> ArrayInfo:
     return ArrayInfo(name, x.shape, strides, x.dtype.name, CPU, x.ctypes.data)
 
 
-def current_stream(framework_name: str, device: int) -> int:
-    """Raw handle of the caller's current stream on ``device`` in that framework."""
-    if framework_name == "torch":
-        import torch
+def _torch_stream(device: int) -> int:
+    import torch
 
-        return torch._C._cuda_getCurrentRawStream(device)
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def _cupy_stream(device: int) -> int:
     import cupy
 
+    if cupy.cuda.runtime.getDevice() == device:
+        return cupy.cuda.get_current_stream().ptr
     with cupy.cuda.Device(device):
         return cupy.cuda.get_current_stream().ptr
+
+
+# Raw handle of the caller's current stream on a device, per framework.
+STREAMS = {"torch": _torch_stream, "cupy": _cupy_stream}
 
 
 def empty(framework_name: str, shape, like):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import re
 import struct
 import threading
@@ -78,17 +79,20 @@ class Variant:
     is_neox: bool
     vec: int
     max_units: int
+    items: int
 
     @property
     def name(self) -> str:
         style = "neox" if self.is_neox else "gptj"
-        return f"qk_norm_rope_{self.dtype}_{style}_vec{self.vec}_units{self.max_units}"
+        return (f"qk_norm_rope_{self.dtype}_{style}_vec{self.vec}_units{self.max_units}"
+                f"_items{self.items}")
 
     @property
     def expression(self) -> str:
         ctype = DTYPES[self.dtype][0]
         neox = "true" if self.is_neox else "false"
-        return f"qk_norm_rope_kernel<{ctype}, {neox}, {self.vec}, {self.max_units}>"
+        return (f"qk_norm_rope_kernel<{ctype}, {neox}, {self.vec}, {self.max_units}, "
+                f"{self.items}>")
 
 
 def wide_vec(dtype: str) -> int:
@@ -99,6 +103,7 @@ def wide_vec(dtype: str) -> int:
 # Wide (16-byte) instances need 1 unit per lane except float32 past head_dim 256; the scalar
 # fallback for unaligned data holds up to 256 units per head over 32 lanes.
 _SCALAR_UNITS = 8
+WIDE_ITEMS = (1, 2, 4)
 
 
 def _build_variants() -> tuple[Variant, ...]:
@@ -107,15 +112,16 @@ def _build_variants() -> tuple[Variant, ...]:
         for is_neox in (True, False):
             vec = wide_vec(dtype)
             for units in (1, 2) if dtype == "float32" else (1,):
-                out.append(Variant(dtype, is_neox, vec, units))
-            out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS))
+                for items in WIDE_ITEMS:
+                    out.append(Variant(dtype, is_neox, vec, units, items))
+            out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS, 1))
     return tuple(out)
 
 
 VARIANTS = _build_variants()
 _BY_KEY = {}
 for _v in VARIANTS:
-    _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec), []).append(_v)
+    _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec, _v.items), []).append(_v)
 
 
 def lanes_and_units(head_dim: int, vec: int) -> tuple[int, int]:
@@ -125,9 +131,23 @@ def lanes_and_units(head_dim: int, vec: int) -> tuple[int, int]:
     return lanes, -(-units // lanes)
 
 
-def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int) -> Variant:
+def items_per_group(vec: int, lanes: int, total_heads: int) -> int:
+    """Heads each lane group handles per iteration (see ITEMS in the kernel)."""
+    forced = os.environ.get("CUQK_ITEMS")
+    if vec == 1:
+        return 1
+    if forced:
+        return int(forced)
+    return 4 if total_heads * lanes >= ITEMS_MIN_THREADS else 1
+
+
+ITEMS_MIN_THREADS = 132 * 2048 * 4
+
+
+def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int,
+                   items: int = 1) -> Variant:
     """The smallest instance that holds ``units_per_lane``; ValueError if none does."""
-    for variant in _BY_KEY.get((dtype, is_neox, vec), ()):
+    for variant in _BY_KEY.get((dtype, is_neox, vec, items), ()):
         if variant.max_units >= units_per_lane:
             return variant
     supported = sorted({(v.dtype, v.vec, v.max_units) for v in VARIANTS})

@@ -203,7 +203,9 @@ def time_calls(calls: list[Callable], warmup_ms: float, reps: int) -> dict:
 
 
 def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    # float32 elements: as 2**31 uint8 elements this copy measured 2420 GB/s on an H100, while
+    # a 1.4 GB copy in the same run moved 3000 GB/s (2**31 elements needs 64-bit indexing).
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
     dst = torch.empty_like(src)
     median_us = time_calls([functools.partial(dst.copy_, src)], 10.0, 10)["median_us"]
     return 2 * nbytes / median_us / 1e3

@@ -29,22 +29,32 @@ class _Plan(NamedTuple):
     statics: bytes
     k_offset: int  # bytes from the packed qkv pointer to the first k head
     out_shapes: tuple  # out-of-place: shapes of q_out, k_out
+    pointer: object  # the framework's array -> data pointer function
+    stream: object  # the framework's device -> current raw stream function
 
 
-_plans: dict = {}
+# Plans of each op, keyed on _interop.key of every array plus the flags.
+_packed_plans: dict = {}
+_split_plans: dict = {}
 
 
-def _cached_plan(key, build):
+def _new_plan(plans, key, build, args):
+    plan = build(*args)
     try:
-        plan = _plans.get(key)
-    except TypeError:  # an unhashable argument: let the checks name it
-        return build()
-    if plan is None:
-        plan = build()
-        if len(_plans) >= _MAX_PLANS:
-            _plans.clear()
-        _plans[key] = plan
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plans[key] = plan
+    except TypeError:  # an unhashable flag that the checks accepted: just don't cache
+        pass
     return plan
+
+
+def _get_plan(plans, key, build, args):
+    try:
+        plan = plans.get(key)
+    except TypeError:  # an unhashable argument: let the checks name it
+        plan = None
+    return plan if plan is not None else _new_plan(plans, key, build, args)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -169,8 +179,9 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         raise ValueError(
             f"{num_tokens} tokens x {num_q_heads + num_k_heads} heads exceeds 2**31 heads per call"
         )
+    pointer, stream = _interop.POINTERS[fw], _interop.STREAMS.get(fw)
     if device == CPU or num_tokens == 0:
-        return _Plan(fw, device, None, 0, b"", k_offset, out_shapes)
+        return _Plan(fw, device, None, 0, b"", k_offset, out_shapes, pointer, stream)
     folded = _collapse_leading(lead, [h[1] for h in heads] + [positions.strides])
     if folded is None:
         raise ValueError(
@@ -193,7 +204,9 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
             and cache.strides[0] % vec == 0):
         vec = 1
     lanes, units = _jit.lanes_and_units(head_dim, vec)
-    variant = _jit.select_variant(act_dtype, is_neox, vec, units)
+    total_heads = num_tokens * (num_q_heads + num_k_heads)
+    items = _jit.items_per_group(vec, lanes, total_heads)
+    variant = _jit.select_variant(act_dtype, is_neox, vec, units, items)
 
     statics = {
         "pos_stride_outer": lead_strides[4][0], "pos_stride_inner": lead_strides[4][1],
@@ -209,10 +222,10 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
     ):
         statics[f"{prefix}_outer"], statics[f"{prefix}_inner"] = outer, inner
         statics[f"{prefix}_head"] = head_stride
-    heads_per_block = _jit.BLOCK_THREADS // lanes
-    blocks = min(-(-num_tokens * (num_q_heads + num_k_heads) // heads_per_block), 2**31 - 1)
+    heads_per_block = _jit.BLOCK_THREADS // lanes * items
+    blocks = min(-(-total_heads // heads_per_block), 2**31 - 1)
     return _Plan(fw, device, variant, blocks, _jit.pack_statics(statics, eps), k_offset,
-                 out_shapes)
+                 out_shapes, pointer, stream)
 
 
 def _plan_packed(qkv, positions, q_weight, k_weight, cache, num_q_heads, num_kv_heads,
@@ -305,7 +318,7 @@ def _plan_split(q, k, positions, q_weight, k_weight, cache, eps, is_neox, rotary
 
 def _launch(plan, pointers):
     device = plan.device
-    stream = _interop.current_stream(plan.framework, device)
+    stream = plan.stream(device)
     func = _jit.get_function(plan.variant, device, stream)
     _jit.launch(func, plan.blocks, stream, device, pointers, plan.statics)
 
@@ -349,18 +362,21 @@ def qk_norm_rope_(qkv, positions, q_weight, k_weight, cos_sin_cache, *, num_q_he
     Returns ``qkv``. CUDA arrays (torch, CuPy) run on the caller's current stream on their
     device; CPU torch tensors and NumPy arrays run ``cuqk.reference``.
     """
-    key = ("packed", _interop.key(qkv), _interop.key(positions), _interop.key(q_weight),
-           _interop.key(k_weight), _interop.key(cos_sin_cache), num_q_heads, num_kv_heads,
-           head_dim, num_v_heads, eps, is_neox, rotary_dim, norm)
-    plan = _cached_plan(key, lambda: _plan_packed(
-        qkv, positions, q_weight, k_weight, cos_sin_cache, num_q_heads, num_kv_heads, head_dim,
-        num_v_heads, eps, is_neox, rotary_dim, norm))
+    key = _interop.key
+    plan = _get_plan(
+        _packed_plans,
+        (key(qkv), key(positions), key(q_weight), key(k_weight), key(cos_sin_cache),
+         num_q_heads, num_kv_heads, head_dim, num_v_heads, eps, is_neox, rotary_dim, norm),
+        _plan_packed,
+        (qkv, positions, q_weight, k_weight, cos_sin_cache, num_q_heads, num_kv_heads,
+         head_dim, num_v_heads, eps, is_neox, rotary_dim, norm))
     if plan.variant is not None:
-        base = _interop.pointer(qkv)
-        k_ptr = base + plan.k_offset
-        _launch(plan, (base, k_ptr, base, k_ptr, _interop.pointer(positions),
-                       _interop.pointer(cos_sin_cache), _interop.pointer(q_weight),
-                       _interop.pointer(k_weight)))
+        ptr = plan.pointer
+        base = ptr(qkv)
+        k_base = base + plan.k_offset
+        _launch(plan, (base, k_base, base, k_base, ptr(positions), ptr(cos_sin_cache),
+                       0 if q_weight is None else ptr(q_weight),
+                       0 if k_weight is None else ptr(k_weight)))
     elif plan.device == CPU:
         _reference_packed(qkv, positions, q_weight, k_weight, cos_sin_cache,
                           num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
@@ -384,18 +400,20 @@ def qk_norm_rope(q, k, positions, q_weight, k_weight, cos_sin_cache, *, eps=1e-6
     -------
     ``(q_out, k_out)``: new contiguous arrays of q's and k's shapes, of the caller's type.
     """
-    key = ("split", _interop.key(q), _interop.key(k), _interop.key(positions),
-           _interop.key(q_weight), _interop.key(k_weight), _interop.key(cos_sin_cache), eps,
-           is_neox, rotary_dim, norm)
-    plan = _cached_plan(key, lambda: _plan_split(
-        q, k, positions, q_weight, k_weight, cos_sin_cache, eps, is_neox, rotary_dim, norm))
+    key = _interop.key
+    plan = _get_plan(
+        _split_plans,
+        (key(q), key(k), key(positions), key(q_weight), key(k_weight), key(cos_sin_cache), eps,
+         is_neox, rotary_dim, norm),
+        _plan_split,
+        (q, k, positions, q_weight, k_weight, cos_sin_cache, eps, is_neox, rotary_dim, norm))
     q_out = _interop.empty(plan.framework, plan.out_shapes[0], q)
     k_out = _interop.empty(plan.framework, plan.out_shapes[1], k)
     if plan.variant is not None:
-        _launch(plan, (_interop.pointer(q), _interop.pointer(k), _interop.pointer(q_out),
-                       _interop.pointer(k_out), _interop.pointer(positions),
-                       _interop.pointer(cos_sin_cache), _interop.pointer(q_weight),
-                       _interop.pointer(k_weight)))
+        ptr = plan.pointer
+        _launch(plan, (ptr(q), ptr(k), ptr(q_out), ptr(k_out), ptr(positions),
+                       ptr(cos_sin_cache), 0 if q_weight is None else ptr(q_weight),
+                       0 if k_weight is None else ptr(k_weight)))
     elif plan.device == CPU:
         kwargs = dict(eps=eps, is_neox=is_neox, rotary_dim=rotary_dim, norm=norm)
         q_ref, k_ref = reference.qk_norm_rope(
