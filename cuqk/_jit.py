@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import re
 import struct
@@ -80,24 +81,27 @@ class Variant:
     vec: int
     max_units: int
     items: int
+    early_side: bool = True
+    min_blocks: int = 1
 
     @property
     def name(self) -> str:
         style = "neox" if self.is_neox else "gptj"
         return (f"qk_norm_rope_{self.dtype}_{style}_vec{self.vec}_units{self.max_units}"
-                f"_items{self.items}")
+                f"_items{self.items}_early{int(self.early_side)}_mb{self.min_blocks}")
 
     @property
     def expression(self) -> str:
         ctype = DTYPES[self.dtype][0]
         neox = "true" if self.is_neox else "false"
+        early = "true" if self.early_side else "false"
         return (f"qk_norm_rope_kernel<{ctype}, {neox}, {self.vec}, {self.max_units}, "
-                f"{self.items}>")
+                f"{self.items}, {early}, {self.min_blocks}>")
 
 
 def wide_vec(dtype: str) -> int:
     """Elements in one 16-byte access of ``dtype``."""
-    return 16 // DTYPES[dtype][1]
+    return int(os.environ.get("CUQK_VEC", 16 // DTYPES[dtype][1]))
 
 
 # Wide (16-byte) instances need 1 unit per lane except float32 past head_dim 256; the scalar
@@ -106,7 +110,21 @@ _SCALAR_UNITS = 8
 WIDE_ITEMS = (1, 2, 4)
 
 
+def _tuning_variants() -> tuple[Variant, ...]:
+    out = []
+    for dtype in DTYPES:
+        for is_neox in (True, False):
+            for vec in {wide_vec(dtype), 4}:
+                for units in (1, 2) if vec == 4 else (1,):
+                    for items, early, mb in itertools.product((1, 2), (True, False), (1, 6, 8)):
+                        out.append(Variant(dtype, is_neox, vec, units, items, early, mb))
+            out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS, 1))
+    return tuple(out)
+
+
 def _build_variants() -> tuple[Variant, ...]:
+    if os.environ.get("CUQK_TUNING"):
+        return _tuning_variants()
     out = []
     for dtype in DTYPES:
         for is_neox in (True, False):
@@ -147,7 +165,11 @@ ITEMS_MIN_THREADS = 132 * 2048 * 4
 def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int,
                    items: int = 1) -> Variant:
     """The smallest instance that holds ``units_per_lane``; ValueError if none does."""
+    early = os.environ.get("CUQK_EARLY", "1") == "1"
+    min_blocks = int(os.environ.get("CUQK_MINBLOCKS", "1"))
     for variant in _BY_KEY.get((dtype, is_neox, vec, items), ()):
+        if vec != 1 and (variant.early_side, variant.min_blocks) != (early, min_blocks):
+            continue
         if variant.max_units >= units_per_lane:
             return variant
     supported = sorted({(v.dtype, v.vec, v.max_units) for v in VARIANTS})

@@ -107,8 +107,9 @@ __device__ __forceinline__ SideInputs<VEC> load_side(const QkNormRopeParams& p, 
 /// \tparam MAX_UNITS units per lane the register arrays hold (ceil(units per head / LANES))
 /// \tparam ITEMS     heads per lane group per iteration, all loaded before any is used: more
 ///                   bytes in flight per thread for large inputs; 1 keeps small inputs spread
-template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, int ITEMS>
-__global__ void __launch_bounds__(256) qk_norm_rope_kernel(const QkNormRopeParams p) {
+template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, int ITEMS, bool EARLY_SIDE,
+          int MIN_BLOCKS>
+__global__ void __launch_bounds__(256, MIN_BLOCKS) qk_norm_rope_kernel(const QkNormRopeParams p) {
   const int lanes = static_cast<int>(p.lanes_per_head);
   const int lane = threadIdx.x & (lanes - 1);
   const unsigned groups_per_block = blockDim.x / lanes;
@@ -174,8 +175,8 @@ __global__ void __launch_bounds__(256) qk_norm_rope_kernel(const QkNormRopeParam
 
     // With one item per group, fetch weights and cos/sin now so their latency overlaps the
     // head loads (small inputs are latency-bound); with more, registers go to head data.
-    SideInputs<VEC> early[ITEMS == 1 ? MAX_UNITS : 1];
-    if constexpr (ITEMS == 1) {
+    SideInputs<VEC> early[EARLY_SIDE ? MAX_UNITS : 1];
+    if constexpr (EARLY_SIDE) {
 #pragma unroll
       for (int u = 0; u < MAX_UNITS; ++u) {
         const int k = lane + u * lanes;
@@ -209,7 +210,7 @@ __global__ void __launch_bounds__(256) qk_norm_rope_kernel(const QkNormRopeParam
         const int k = lane + u * lanes;
         if (!active[j] || k >= n_units) continue;
         SideInputs<VEC> side;
-        if constexpr (ITEMS == 1) {
+        if constexpr (EARLY_SIDE) {
           side = early[u];
         } else {
           side = load_side<IS_NEOX, VEC>(p, is_q[j], k, n_rot_units, pos[j]);
