@@ -108,10 +108,12 @@ def info(x) -> ArrayInfo:
     return ArrayInfo(name, x.shape, strides, x.dtype.name, CPU, x.ctypes.data)
 
 
-def _torch_stream(device: int) -> int:
+def _torch_stream_getter():
     import torch
 
-    return torch._C._cuda_getCurrentRawStream(device)
+    # The private getter returns the raw handle in about 0.1 us; the public one builds a Stream.
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return getter or (lambda device: torch.cuda.current_stream(device).cuda_stream)
 
 
 def _cupy_stream(device: int) -> int:
@@ -123,8 +125,9 @@ def _cupy_stream(device: int) -> int:
         return cupy.cuda.get_current_stream().ptr
 
 
-# Raw handle of the caller's current stream on a device, per framework.
-STREAMS = {"torch": _torch_stream, "cupy": _cupy_stream}
+def stream_getter(framework_name: str):
+    """A function device -> raw handle of the caller's current stream there, per framework."""
+    return _torch_stream_getter() if framework_name == "torch" else _cupy_stream
 
 
 def empty(framework_name: str, shape, like):

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import itertools
-import os
 import re
 import struct
 import threading
@@ -80,66 +78,44 @@ class Variant:
     is_neox: bool
     vec: int
     max_units: int
-    items: int
-    early_side: bool = True
-    min_blocks: int = 1
 
     @property
     def name(self) -> str:
         style = "neox" if self.is_neox else "gptj"
-        return (f"qk_norm_rope_{self.dtype}_{style}_vec{self.vec}_units{self.max_units}"
-                f"_items{self.items}_early{int(self.early_side)}_mb{self.min_blocks}")
+        return f"qk_norm_rope_{self.dtype}_{style}_vec{self.vec}_units{self.max_units}"
 
     @property
     def expression(self) -> str:
         ctype = DTYPES[self.dtype][0]
         neox = "true" if self.is_neox else "false"
-        early = "true" if self.early_side else "false"
-        return (f"qk_norm_rope_kernel<{ctype}, {neox}, {self.vec}, {self.max_units}, "
-                f"{self.items}, {early}, {self.min_blocks}>")
+        return f"qk_norm_rope_kernel<{ctype}, {neox}, {self.vec}, {self.max_units}>"
 
 
 def wide_vec(dtype: str) -> int:
     """Elements in one 16-byte access of ``dtype``."""
-    return int(os.environ.get("CUQK_VEC", 16 // DTYPES[dtype][1]))
+    return 16 // DTYPES[dtype][1]
 
 
 # Wide (16-byte) instances need 1 unit per lane except float32 past head_dim 256; the scalar
 # fallback for unaligned data holds up to 256 units per head over 32 lanes.
 _SCALAR_UNITS = 8
-WIDE_ITEMS = (1, 2, 4)
-
-
-def _tuning_variants() -> tuple[Variant, ...]:
-    out = []
-    for dtype in DTYPES:
-        for is_neox in (True, False):
-            for vec in {wide_vec(dtype), 4}:
-                for units in (1, 2) if vec == 4 else (1,):
-                    for items, early, mb in itertools.product((1, 2), (True, False), (1, 6, 8)):
-                        out.append(Variant(dtype, is_neox, vec, units, items, early, mb))
-            out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS, 1))
-    return tuple(out)
 
 
 def _build_variants() -> tuple[Variant, ...]:
-    if os.environ.get("CUQK_TUNING"):
-        return _tuning_variants()
     out = []
     for dtype in DTYPES:
         for is_neox in (True, False):
             vec = wide_vec(dtype)
             for units in (1, 2) if dtype == "float32" else (1,):
-                for items in WIDE_ITEMS:
-                    out.append(Variant(dtype, is_neox, vec, units, items))
-            out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS, 1))
+                out.append(Variant(dtype, is_neox, vec, units))
+            out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS))
     return tuple(out)
 
 
 VARIANTS = _build_variants()
 _BY_KEY = {}
 for _v in VARIANTS:
-    _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec, _v.items), []).append(_v)
+    _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec), []).append(_v)
 
 
 def lanes_and_units(head_dim: int, vec: int) -> tuple[int, int]:
@@ -149,27 +125,9 @@ def lanes_and_units(head_dim: int, vec: int) -> tuple[int, int]:
     return lanes, -(-units // lanes)
 
 
-def items_per_group(vec: int, lanes: int, total_heads: int) -> int:
-    """Heads each lane group handles per iteration (see ITEMS in the kernel)."""
-    forced = os.environ.get("CUQK_ITEMS")
-    if vec == 1:
-        return 1
-    if forced:
-        return int(forced)
-    return 4 if total_heads * lanes >= ITEMS_MIN_THREADS else 1
-
-
-ITEMS_MIN_THREADS = 132 * 2048 * 4
-
-
-def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int,
-                   items: int = 1) -> Variant:
+def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int) -> Variant:
     """The smallest instance that holds ``units_per_lane``; ValueError if none does."""
-    early = os.environ.get("CUQK_EARLY", "1") == "1"
-    min_blocks = int(os.environ.get("CUQK_MINBLOCKS", "1"))
-    for variant in _BY_KEY.get((dtype, is_neox, vec, items), ()):
-        if vec != 1 and (variant.early_side, variant.min_blocks) != (early, min_blocks):
-            continue
+    for variant in _BY_KEY.get((dtype, is_neox, vec), ()):
         if variant.max_units >= units_per_lane:
             return variant
     supported = sorted({(v.dtype, v.vec, v.max_units) for v in VARIANTS})
@@ -279,9 +237,10 @@ STATIC_FIELDS = (
     "num_tokens", "tokens_inner", "num_q_heads", "num_k_heads",
     "head_dim", "rotary_dim", "norm_mode", "lanes_per_head",
 )
-_POINTERS = struct.Struct("<" + "Q" * len(POINTER_FIELDS))
 _STATICS = struct.Struct("<" + "q" * len(STATIC_FIELDS) + "d")
-PARAMS_SIZE = _POINTERS.size + _STATICS.size
+# One pack per launch: the pointers, then the plan's pre-packed statics as raw bytes.
+_PARAMS = struct.Struct(f"<{len(POINTER_FIELDS)}Q{_STATICS.size}s")
+PARAMS_SIZE = _PARAMS.size
 
 
 def pack_statics(values: dict, eps: float) -> bytes:
@@ -318,9 +277,7 @@ def launch(func: int, blocks: int, stream: int, device: int, pointers, statics: 
     A thread on which the driver has no context bound yet (the runtime binds it lazily) gets
     the device's primary context and the launch is retried once.
     """
-    params = _buffers.params
-    _POINTERS.pack_into(params, 0, *pointers)
-    params[_POINTERS.size:PARAMS_SIZE] = statics
+    _PARAMS.pack_into(_buffers.params, 0, *pointers, statics)
     if runtime.getDevice() == device:
         _launch_raw(func, blocks, stream, device)
     else:

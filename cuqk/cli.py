@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import sys
@@ -124,7 +123,7 @@ def _to_float64(array):
 
 def _selftest_gpu_variant(variant, rng):
     """None if ``variant`` matches the reference, else what went wrong."""
-    from .qk_norm_rope import _launch, _plan_packed
+    from .qk_norm_rope import _plan_packed, qk_norm_rope_
 
     head_dim = 512 if variant.max_units > 1 else 128
     offset = 1 if variant.vec == 1 else 0  # a misaligned view selects the scalar variant
@@ -145,13 +144,11 @@ def _selftest_gpu_variant(variant, rng):
         positions = torch.from_numpy(positions_host).cuda()
         cache = torch.from_numpy(cache64.astype(np.float32)).cuda()
     args = (qkv, positions, None, None, cache)
-    plan = _plan_packed(*args, hq, hk, head_dim, hv, 1e-6, variant.is_neox, None, "rms")
-    # A small input dispatches to items=1; the grid-stride loop lets any instance run the plan.
-    if plan.variant != dataclasses.replace(variant, items=1):
-        return f"dispatcher chose {plan.variant.name if plan.variant else None}"
-    _launch(plan._replace(variant=variant), (
-        plan.pointer(qkv), plan.pointer(qkv) + plan.k_offset, plan.pointer(qkv),
-        plan.pointer(qkv) + plan.k_offset, plan.pointer(positions), plan.pointer(cache), 0, 0))
+    chosen = _plan_packed(*args, hq, hk, head_dim, hv, 1e-6, variant.is_neox, None, "rms").variant
+    if chosen != variant:
+        return f"dispatcher chose {chosen.name if chosen else None}"
+    qk_norm_rope_(*args, num_q_heads=hq, num_kv_heads=hk, head_dim=head_dim, num_v_heads=hv,
+                  is_neox=variant.is_neox)
     ref = reference.qkv_norm_rope(flat64[offset:].reshape(T, width), positions_host, None,
                                   None, cache64, num_q_heads=hq, num_kv_heads=hk,
                                   head_dim=head_dim, is_neox=variant.is_neox)

@@ -31,6 +31,7 @@ class _Plan(NamedTuple):
     out_shapes: tuple  # out-of-place: shapes of q_out, k_out
     pointer: object  # the framework's array -> data pointer function
     stream: object  # the framework's device -> current raw stream function
+    function: list  # [CUfunction handle], filled at the first launch
 
 
 # Plans of each op, keyed on _interop.key of every array plus the flags.
@@ -179,9 +180,9 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         raise ValueError(
             f"{num_tokens} tokens x {num_q_heads + num_k_heads} heads exceeds 2**31 heads per call"
         )
-    pointer, stream = _interop.POINTERS[fw], _interop.STREAMS.get(fw)
+    pointer = _interop.POINTERS[fw]
     if device == CPU or num_tokens == 0:
-        return _Plan(fw, device, None, 0, b"", k_offset, out_shapes, pointer, stream)
+        return _Plan(fw, device, None, 0, b"", k_offset, out_shapes, pointer, None, [])
     folded = _collapse_leading(lead, [h[1] for h in heads] + [positions.strides])
     if folded is None:
         raise ValueError(
@@ -205,8 +206,7 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         vec = 1
     lanes, units = _jit.lanes_and_units(head_dim, vec)
     total_heads = num_tokens * (num_q_heads + num_k_heads)
-    items = _jit.items_per_group(vec, lanes, total_heads)
-    variant = _jit.select_variant(act_dtype, is_neox, vec, units, items)
+    variant = _jit.select_variant(act_dtype, is_neox, vec, units)
 
     statics = {
         "pos_stride_outer": lead_strides[4][0], "pos_stride_inner": lead_strides[4][1],
@@ -222,10 +222,10 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
     ):
         statics[f"{prefix}_outer"], statics[f"{prefix}_inner"] = outer, inner
         statics[f"{prefix}_head"] = head_stride
-    heads_per_block = _jit.BLOCK_THREADS // lanes * items
+    heads_per_block = _jit.BLOCK_THREADS // lanes
     blocks = min(-(-total_heads // heads_per_block), 2**31 - 1)
     return _Plan(fw, device, variant, blocks, _jit.pack_statics(statics, eps), k_offset,
-                 out_shapes, pointer, stream)
+                 out_shapes, pointer, _interop.stream_getter(fw), [])
 
 
 def _plan_packed(qkv, positions, q_weight, k_weight, cache, num_q_heads, num_kv_heads,
@@ -319,8 +319,9 @@ def _plan_split(q, k, positions, q_weight, k_weight, cache, eps, is_neox, rotary
 def _launch(plan, pointers):
     device = plan.device
     stream = plan.stream(device)
-    func = _jit.get_function(plan.variant, device, stream)
-    _jit.launch(func, plan.blocks, stream, device, pointers, plan.statics)
+    if not plan.function:
+        plan.function.append(_jit.get_function(plan.variant, device, stream))
+    _jit.launch(plan.function[0], plan.blocks, stream, device, pointers, plan.statics)
 
 
 def _reference_packed(qkv, positions, q_weight, k_weight, cache, *, num_q_heads, num_kv_heads,

@@ -125,35 +125,6 @@ __device__ __forceinline__ void store_from_float(T* ptr, const float (&in)[N]) {
   }
 }
 
-/// \brief N elements of T kept as loaded (packed words), widened to float only when used, so
-/// a thread can hold several heads' loads in flight in few registers.
-template <typename T, int N>
-struct Packed {
-  static constexpr int BYTES = N * static_cast<int>(sizeof(T));
-  static constexpr int WORDS = (BYTES + 3) / 4;
-  cuqk_u32 w[WORDS];
-
-  __device__ __forceinline__ void load(const T* ptr) {
-    if constexpr (BYTES % 4 == 0) {
-      load_words<WORDS>(ptr, w);
-    } else {
-      w[0] = *reinterpret_cast<const cuqk_u16*>(ptr);
-    }
-  }
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int i = 0; i < WORDS; ++i) w[i] = 0u;
-  }
-  /// \param i element index; a compile-time constant after unrolling
-  __device__ __forceinline__ float get(int i) const {
-    if constexpr (sizeof(T) == 4) {
-      return __uint_as_float(w[i]);
-    } else {
-      return u16_to_float(static_cast<cuqk_u16>(w[i / 2] >> (16 * (i % 2))), T{});
-    }
-  }
-};
-
 /// \brief Like load_as_float, with the element type chosen at run time (a DtypeCode).
 /// Used for small side inputs (weights, cos/sin rows) whose dtype is independent of the
 /// activations, so it costs a uniform branch rather than a template instance per combination.

@@ -18,13 +18,14 @@ if [[ $what == all || $what == tests ]]; then
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/env.txt"
   python3 -m cuqk info 2>&1 | tee -a "$OUT/env.txt" || true
   python3 -m cuqk precompile 2>&1 | tee "$OUT/precompile.txt"
-  python3 -m pytest -q -rfE --durations=15 tests --junitxml="$OUT/junit.xml" 2>&1 \
+  python3 -m pytest -q -rfE --durations=15 tests 2>&1 \
     | tee "$OUT/pytest.log"
   status=$((status | ${PIPESTATUS[0]}))
   python3 -m cuqk selftest 2>&1 | tee "$OUT/selftest.log"
   status=$((status | ${PIPESTATUS[0]}))
 fi
 if [[ $what == all || $what == bench ]]; then
+  python3 scripts/profile_host.py > "$OUT/profile.txt" 2>&1
   python3 -m cuqk bench --json "$OUT/bench.json" --plot "$OUT/bench.png" "$@" 2>&1 \
     | tee "$OUT/bench.log"
   status=$((status | ${PIPESTATUS[0]}))
