@@ -60,8 +60,9 @@ def cmd_info(_args) -> int:
         rows.append(("driver (CUDA)", f"{version // 1000}.{version % 1000 // 10}"))
         for d in range(count):
             props = cupy.cuda.runtime.getDeviceProperties(d)
-            rows.append((f"gpu {d}", f"{props['name'].decode()} (sm_{props['major']}"
-                                     f"{props['minor']}, {props['multiProcessorCount']} SMs)"))
+            name = props["name"].decode()
+            arch = f"sm_{props['major']}{props['minor']}"
+            rows.append((f"gpu {d}", f"{name} ({arch}, {props['multiProcessorCount']} SMs)"))
     else:
         rows.append(("gpu", "none found"))
     loaded = _jit.compiled_variants()

@@ -189,7 +189,7 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
             f"the leading dims {lead} of the inputs cannot be addressed with two strides; "
             "make them contiguous"
         )
-    (n_outer, n_inner), lead_strides = folded
+    (_, n_inner), lead_strides = folded
 
     itemsize = _jit.DTYPES[act_dtype][1]
     vec = _jit.wide_vec(act_dtype)
@@ -416,7 +416,7 @@ def qk_norm_rope(q, k, positions, q_weight, k_weight, cos_sin_cache, *, eps=1e-6
                        ptr(cos_sin_cache), 0 if q_weight is None else ptr(q_weight),
                        0 if k_weight is None else ptr(k_weight)))
     elif plan.device == CPU:
-        kwargs = dict(eps=eps, is_neox=is_neox, rotary_dim=rotary_dim, norm=norm)
+        kwargs = {"eps": eps, "is_neox": is_neox, "rotary_dim": rotary_dim, "norm": norm}
         q_ref, k_ref = reference.qk_norm_rope(
             _interop.to_float64(q), _interop.to_float64(k), _interop.to_numpy(positions),
             _interop.to_float64(q_weight), _interop.to_float64(k_weight),

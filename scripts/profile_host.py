@@ -18,7 +18,7 @@ qkv = torch.randn(1, (hq + 2 * hk) * d, device="cuda", dtype=torch.bfloat16)
 positions = torch.zeros(1, dtype=torch.int64, device="cuda")
 weight = torch.ones(d, device="cuda", dtype=torch.bfloat16)
 cache = torch.randn(4096, d, device="cuda")
-kwargs = dict(num_q_heads=hq, num_kv_heads=hk, head_dim=d)
+kwargs = {"num_q_heads": hq, "num_kv_heads": hk, "head_dim": d}
 
 
 def loop(n):

@@ -38,8 +38,8 @@ def test_unsupported_key_lists_supported_values():
 def test_param_struct_matches_kernel_source():
     """POINTER_FIELDS + STATIC_FIELDS mirror QkNormRopeParams field by field."""
     source = _jit.load_source("qk_norm_rope")
-    body = re.search(r"struct QkNormRopeParams \{(.*?)\};", source, re.S).group(1)
-    sub_fields = re.search(r"struct HeadStrides \{(.*?)\};", source, re.S).group(1)
+    body = re.search(r"struct QkNormRopeParams \{(.*?)\};", source, re.DOTALL).group(1)
+    sub_fields = re.search(r"struct HeadStrides \{(.*?)\};", source, re.DOTALL).group(1)
     sub_names = re.findall(r"(\w+)[,;]", sub_fields)
     names = []
     for decl in body.strip().split(";"):

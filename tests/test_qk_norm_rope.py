@@ -26,8 +26,8 @@ def _numpy_case(seed=0, T=6, Hq=4, Hk=2, Hv=2, D=64, rotary=None, max_pos=50):
     pos = rng.integers(0, max_pos, T)
     cache = cos_sin_cache64(max_pos, rotary).astype(np.float32)
     w = (1 + 0.3 * rng.standard_normal(D)).astype(np.float32)
-    return dict(qkv=qkv, positions=pos, q_weight=w, k_weight=w[::-1].copy(),
-                cos_sin_cache=cache), dict(num_q_heads=Hq, num_kv_heads=Hk, head_dim=D)
+    return {"qkv": qkv, "positions": pos, "q_weight": w, "k_weight": w[::-1].copy(),
+                "cos_sin_cache": cache}, {"num_q_heads": Hq, "num_kv_heads": Hk, "head_dim": D}
 
 
 @pytest.mark.parametrize("is_neox", [True, False])
@@ -230,8 +230,8 @@ def run_packed(dtype="bfloat16", T=7, Hq=4, Hk=2, Hv=2, D=128, rotary=None, is_n
         wdt = TORCH_DTYPES[dtype if weight == "act" else weight]
         weights = [1 + 0.5 * torch.randn(D, generator=gen, device="cuda").to(wdt)
                    for _ in range(2)]
-    dims = dict(num_q_heads=Hq, num_kv_heads=Hk, head_dim=D)
-    flags = dict(eps=1e-6, is_neox=is_neox, norm=norm)
+    dims = {"num_q_heads": Hq, "num_kv_heads": Hk, "head_dim": D}
+    flags = {"eps": 1e-6, "is_neox": is_neox, "norm": norm}
     ref = _ref_on_gpu(qkv, positions, *weights, cache, **dims, **flags)
     before = buf.clone()
 
@@ -261,8 +261,8 @@ def _grid_main():
     for dtype, D, is_neox, partial in itertools.product(DTYPES, HEAD_DIMS, (True, False),
                                                         (False, True)):
         rotary = D // 2 if partial else D
-        cases.append(dict(dtype=dtype, D=D, is_neox=is_neox, rotary=rotary,
-                          T=next(token_counts)))
+        cases.append({"dtype": dtype, "D": D, "is_neox": is_neox, "rotary": rotary,
+                          "T": next(token_counts)})
     return cases
 
 
@@ -404,7 +404,7 @@ def test_gpu_runs_on_current_stream():
     qkv = torch.randn(4096, (Hq + 2 * Hk) * D, device="cuda", dtype=torch.bfloat16)
     positions = torch.randint(0, 64, (4096,), device="cuda")
     cache = torch.from_numpy(cos_sin_cache64(64, D)).cuda().float()
-    dims = dict(num_q_heads=Hq, num_kv_heads=Hk, head_dim=D)
+    dims = {"num_q_heads": Hq, "num_kv_heads": Hk, "head_dim": D}
     expected = qkv.clone().mul_(3)
     cuqk.qk_norm_rope_(expected, positions, None, None, cache, **dims)
     side = torch.cuda.Stream()
