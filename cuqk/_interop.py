@@ -25,6 +25,7 @@ class ArrayInfo(NamedTuple):
     dtype: str  # "bfloat16", "float32", "int64", ... (the framework's name when unknown)
     device: int  # CUDA ordinal, or CPU
     ptr: int
+    requires_grad: bool = False
 
 
 def _framework_of_type(cls) -> str:
@@ -55,7 +56,7 @@ def framework(x) -> str:
 
 
 def _torch_key(x):
-    return (x.shape, x.stride(), x.dtype, x.get_device(), x.data_ptr() & 15)
+    return (x.shape, x.stride(), x.dtype, x.get_device(), x.data_ptr() & 15, x.requires_grad)
 
 
 def _cupy_key(x):
@@ -100,7 +101,7 @@ def info(x) -> ArrayInfo:
     if name == "torch":
         dtype = str(x.dtype).removeprefix("torch.")
         return ArrayInfo(name, tuple(x.shape), tuple(x.stride()), dtype, x.get_device(),
-                         x.data_ptr())
+                         x.data_ptr(), x.requires_grad)
     itemsize = x.dtype.itemsize
     strides = tuple(s // itemsize for s in x.strides)
     if name == "cupy":
@@ -128,6 +129,12 @@ def _cupy_stream(device: int) -> int:
 def stream_getter(framework_name: str):
     """A function device -> raw handle of the caller's current stream there, per framework."""
     return _torch_stream_getter() if framework_name == "torch" else _cupy_stream
+
+
+def grad_enabled() -> bool:
+    import torch
+
+    return torch.is_grad_enabled()
 
 
 def empty(framework_name: str, shape, like):

@@ -32,6 +32,16 @@ class _Plan(NamedTuple):
     pointer: object  # the framework's array -> data pointer function
     stream: object  # the framework's device -> current raw stream function
     function: list  # [CUfunction handle], filled at the first launch
+    grad_inputs: tuple  # names of torch inputs that require grad
+
+
+def _refuse_grad(plan):
+    """cuqk has no backward yet: refuse rather than return outputs with a silently zero grad."""
+    if _interop.grad_enabled():
+        raise TypeError(
+            f"{', '.join(plan.grad_inputs)} require grad, but cuqk ops have no backward yet; "
+            "call them under torch.no_grad() or torch.inference_mode(), or pass detached tensors"
+        )
 
 
 # Plans of each op, keyed on _interop.key of every array plus the flags.
@@ -69,6 +79,10 @@ def _require_int(name, value, minimum):
 def _require_last_dim_contiguous(name, info):
     if info.shape and info.shape[-1] > 1 and info.strides[-1] != 1 and 0 not in info.shape:
         raise ValueError(f"{name} must be contiguous in its last dim, got strides {info.strides}")
+
+
+def _grad_inputs(infos):
+    return tuple(n for n, i in infos.items() if i is not None and i.requires_grad)
 
 
 def _same_place(named_infos):
@@ -172,7 +186,7 @@ def _aligned(ptr_or_stride_bytes, alignment):
 
 def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weight, cache, *,
                 num_q_heads, num_k_heads, head_dim, rotary_dim, weight_dtype, eps, is_neox,
-                norm, k_offset=0, out_shapes=()):
+                norm, grad_inputs=(), k_offset=0, out_shapes=()):
     """Common tail of planning. ``heads`` is four (ptr, lead strides, head stride) for
     q_in, k_in, q_out, k_out, in elements (pointers in bytes)."""
     num_tokens = math.prod(lead)
@@ -182,7 +196,8 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         )
     pointer = _interop.POINTERS[fw]
     if device == CPU or num_tokens == 0:
-        return _Plan(fw, device, None, 0, b"", k_offset, out_shapes, pointer, None, [])
+        return _Plan(fw, device, None, 0, b"", k_offset, out_shapes, pointer, None, [],
+                     grad_inputs)
     folded = _collapse_leading(lead, [h[1] for h in heads] + [positions.strides])
     if folded is None:
         raise ValueError(
@@ -225,7 +240,7 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
     heads_per_block = _jit.BLOCK_THREADS // lanes
     blocks = min(-(-total_heads // heads_per_block), 2**31 - 1)
     return _Plan(fw, device, variant, blocks, _jit.pack_statics(statics, eps), k_offset,
-                 out_shapes, pointer, _interop.stream_getter(fw), [])
+                 out_shapes, pointer, _interop.stream_getter(fw), [], grad_inputs)
 
 
 def _plan_packed(qkv, positions, q_weight, k_weight, cache, num_q_heads, num_kv_heads,
@@ -262,7 +277,8 @@ def _plan_packed(qkv, positions, q_weight, k_weight, cache, num_q_heads, num_kv_
         q.framework, q.device, q.dtype, lead, heads, infos["positions"], infos["q_weight"],
         infos["k_weight"], infos["cos_sin_cache"], num_q_heads=num_q_heads,
         num_k_heads=num_kv_heads, head_dim=head_dim, rotary_dim=rotary_dim,
-        weight_dtype=weight_dtype, eps=eps, is_neox=is_neox, norm=norm, k_offset=k_offset)
+        weight_dtype=weight_dtype, eps=eps, is_neox=is_neox, norm=norm,
+        grad_inputs=_grad_inputs(infos), k_offset=k_offset)
 
 
 def _plan_split(q, k, positions, q_weight, k_weight, cache, eps, is_neox, rotary_dim, norm):
@@ -310,7 +326,7 @@ def _plan_split(q, k, positions, q_weight, k_weight, cache, eps, is_neox, rotary
         infos["k_weight"], infos["cos_sin_cache"], num_q_heads=num_q_heads,
         num_k_heads=num_k_heads, head_dim=head_dim, rotary_dim=rotary_dim,
         weight_dtype=weight_dtype, eps=eps, is_neox=is_neox, norm=norm,
-        out_shapes=(qi.shape, ki.shape))
+        grad_inputs=_grad_inputs(infos), out_shapes=(qi.shape, ki.shape))
 
 
 # ----------------------------------------------------------------------------- launching
@@ -371,6 +387,8 @@ def qk_norm_rope_(qkv, positions, q_weight, k_weight, cos_sin_cache, *, num_q_he
         _plan_packed,
         (qkv, positions, q_weight, k_weight, cos_sin_cache, num_q_heads, num_kv_heads,
          head_dim, num_v_heads, eps, is_neox, rotary_dim, norm))
+    if plan.grad_inputs:
+        _refuse_grad(plan)
     if plan.variant is not None:
         ptr = plan.pointer
         base = ptr(qkv)
@@ -408,6 +426,8 @@ def qk_norm_rope(q, k, positions, q_weight, k_weight, cos_sin_cache, *, eps=1e-6
          is_neox, rotary_dim, norm),
         _plan_split,
         (q, k, positions, q_weight, k_weight, cos_sin_cache, eps, is_neox, rotary_dim, norm))
+    if plan.grad_inputs:
+        _refuse_grad(plan)
     q_out = _interop.empty(plan.framework, plan.out_shapes[0], q)
     k_out = _interop.empty(plan.framework, plan.out_shapes[1], k)
     if plan.variant is not None:

@@ -415,3 +415,28 @@ def test_gpu_runs_on_current_stream():
         cuqk.qk_norm_rope_(qkv, positions, None, None, cache, **dims)
     torch.cuda.synchronize()
     assert torch.equal(qkv, expected)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_cpu_requires_grad_is_refused_until_backward_exists(inplace):
+    torch = pytest.importorskip("torch")
+    arrays, dims = _numpy_case()
+    t = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    t["q_weight"].requires_grad_(True)
+    q = t["qkv"][:, :256].reshape(6, 4, 64)
+    k = t["qkv"][:, 256:384].reshape(6, 2, 64)
+    before = t["qkv"].clone()
+
+    def call():
+        if inplace:
+            return cuqk.qk_norm_rope_(*t.values(), **dims)
+        return cuqk.qk_norm_rope(q, k, t["positions"], t["q_weight"], t["k_weight"],
+                                 t["cos_sin_cache"])
+
+    with pytest.raises(TypeError, match="q_weight require grad"):
+        call()
+    assert torch.equal(t["qkv"], before)
+    with torch.no_grad():
+        call()
+    with torch.inference_mode():
+        call()

@@ -1,0 +1,1 @@
+"""Drop-in signatures of other projects' ops, backed by cuqk."""
