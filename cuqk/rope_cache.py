@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from numbers import Real
 
 import numpy as np
 
@@ -65,8 +66,7 @@ def rope_inv_freq(rotary_dim, *, base=10000.0, scaling=None, seq_len=None):
     rotary_dim = _int_arg("rotary_dim", rotary_dim, 2)
     if rotary_dim % 2:
         raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
-    if isinstance(base, bool) or not isinstance(base, (int, float, np.floating, np.integer)) \
-            or not 1 < base < math.inf:
+    if isinstance(base, bool) or not isinstance(base, Real) or not 1 < base < math.inf:
         raise ValueError(f"base must be a finite number > 1, got {base!r}")
     base = float(base)
     if seq_len is not None:
