@@ -382,8 +382,11 @@ def qk_norm_rope_(qkv, positions, q_weight, k_weight, cos_sin_cache, *, num_q_he
     key = _interop.key
     plan = _get_plan(
         _packed_plans,
+        # Types too: True == 1 == 1.0, and a mistyped flag must not reuse a checked plan.
         (key(qkv), key(positions), key(q_weight), key(k_weight), key(cos_sin_cache),
-         num_q_heads, num_kv_heads, head_dim, num_v_heads, eps, is_neox, rotary_dim, norm),
+         num_q_heads, num_kv_heads, head_dim, num_v_heads, eps, is_neox, rotary_dim, norm,
+         type(num_q_heads), type(num_kv_heads), type(head_dim), type(num_v_heads), type(eps),
+         type(is_neox), type(rotary_dim)),
         _plan_packed,
         (qkv, positions, q_weight, k_weight, cos_sin_cache, num_q_heads, num_kv_heads,
          head_dim, num_v_heads, eps, is_neox, rotary_dim, norm))
@@ -423,7 +426,7 @@ def qk_norm_rope(q, k, positions, q_weight, k_weight, cos_sin_cache, *, eps=1e-6
     plan = _get_plan(
         _split_plans,
         (key(q), key(k), key(positions), key(q_weight), key(k_weight), key(cos_sin_cache), eps,
-         is_neox, rotary_dim, norm),
+         is_neox, rotary_dim, norm, type(eps), type(is_neox), type(rotary_dim)),
         _plan_split,
         (q, k, positions, q_weight, k_weight, cos_sin_cache, eps, is_neox, rotary_dim, norm))
     if plan.grad_inputs:
