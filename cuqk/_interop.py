@@ -169,11 +169,27 @@ def to_numpy(x):
     return np.asarray(x)
 
 
+def _float32_round_to_odd(values):
+    """float64 -> float32 rounded to odd: a later round-to-nearest to a type of at most 22
+    significant bits (float16, bfloat16) then equals one rounding from float64."""
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, fixed up below
+        f32 = values.astype(np.float32)
+    inexact = (f32.astype(np.float64) != values) & np.isfinite(values)
+    # Round toward zero first, then mark inexact results by setting the last bit.
+    away = inexact & (np.abs(f32.astype(np.float64)) > np.abs(values))
+    f32 = np.where(away, np.nextafter(f32, np.float32(0)), f32)
+    return (f32.view(np.uint32) | inexact.astype(np.uint32)).view(np.float32)
+
+
 def write_from_float64(dst, values) -> None:
     """Round float64 ``values`` once to ``dst``'s dtype and store them into ``dst`` (CPU)."""
     if framework(dst) == "torch":
         import torch
 
+        # torch converts float64 to 16-bit types through float32: two roundings. Rounding to
+        # odd in that first step makes the pair equal one rounding.
+        if dst.dtype in (torch.float16, torch.bfloat16):
+            values = _float32_round_to_odd(values)
         dst.copy_(torch.from_numpy(np.ascontiguousarray(values)).to(dst.dtype))
     else:
         dst[...] = values.astype(dst.dtype)

@@ -8,6 +8,7 @@ the current stream and launch. Every check runs before anything is launched or w
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 from . import _interop, _jit, reference
@@ -72,7 +73,8 @@ def _get_plan(plans, key, build, args):
 
 
 def _require_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    # numbers.Integral admits NumPy integers (config values often are); bool is refused.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
@@ -104,7 +106,7 @@ def _same_place(named_infos):
 
 
 def _check_flags(eps, is_neox, norm):
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not (
         math.isfinite(eps) and eps >= 0
     ):
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
