@@ -12,6 +12,7 @@ from importlib import metadata
 import numpy as np
 
 from . import __version__, _jit, reference
+from .rope_cache import rope_cos_sin_cache
 
 
 def _gpu_count() -> int:
@@ -136,8 +137,7 @@ def _selftest_gpu_variant(variant, rng):
     qkv = flat[offset:].reshape(T, width)
     positions_host = rng.integers(0, max_pos, T)
     positions, _ = _gpu_array(positions_host, "int64")
-    angles = np.arange(max_pos)[:, None] / 10000 ** (np.arange(0, head_dim, 2) / head_dim)
-    cache_host = np.concatenate([np.cos(angles), np.sin(angles)], 1)
+    cache_host = rope_cos_sin_cache(max_pos, head_dim)
     cache, cache64 = _gpu_array(cache_host, "float32")
     if variant.dtype == "bfloat16":  # keep one framework per call
         import torch
@@ -154,7 +154,7 @@ def _selftest_gpu_variant(variant, rng):
                                   None, cache64, num_q_heads=hq, num_kv_heads=hk,
                                   head_dim=head_dim, is_neox=variant.is_neox)
     err = np.linalg.norm(_to_float64(qkv) - ref) / np.linalg.norm(ref)
-    tolerance = {"bfloat16": 2e-3, "float16": 4e-4, "float32": 1e-5}[variant.dtype]
+    tolerance = reference.TOLERANCES[variant.dtype]
     return None if err <= tolerance else f"relative L2 error {err:.3g} > {tolerance:g}"
 
 

@@ -19,9 +19,7 @@ rng = np.random.default_rng(0)
 qkv = xp.asarray(rng.standard_normal((tokens, (num_q_heads + 2 * num_kv_heads) * head_dim)),
                  dtype=xp.float16)
 positions = xp.arange(tokens, dtype=xp.int32)
-inv_freq = 1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)
-angles = np.arange(1024)[:, None] * inv_freq
-cos_sin_cache = xp.asarray(np.concatenate([np.cos(angles), np.sin(angles)], 1), dtype=xp.float32)
+cos_sin_cache = xp.asarray(cuqk.rope_cos_sin_cache(1024, head_dim))
 q_weight = xp.ones(head_dim, dtype=xp.float32)
 
 v_before = qkv[:, (num_q_heads + num_kv_heads) * head_dim:].copy()

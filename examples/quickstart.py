@@ -15,9 +15,8 @@ qkv = torch.randn(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, device=de
 positions = torch.arange(tokens, device=device)
 q_weight = torch.ones(head_dim, device=device, dtype=torch.bfloat16)
 k_weight = torch.ones(head_dim, device=device, dtype=torch.bfloat16)
-inv_freq = 1.0 / 1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq
-cos_sin_cache = torch.cat([angles.cos(), angles.sin()], dim=1).float().to(device)
+cos_sin_cache = torch.from_numpy(cuqk.rope_cos_sin_cache(max_position, head_dim, base=1e6))
+cos_sin_cache = cos_sin_cache.to(device)
 
 cuqk.qk_norm_rope_(qkv, positions, q_weight, k_weight, cos_sin_cache,
                    num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)

@@ -23,9 +23,8 @@ qkv_proj = torch.nn.Linear(hidden, (num_q_heads + 2 * num_kv_heads) * head_dim, 
                            device=device, dtype=dtype)
 q_norm_weight = 1 + 0.1 * torch.randn(head_dim, device=device, dtype=dtype)
 k_norm_weight = 1 + 0.1 * torch.randn(head_dim, device=device, dtype=dtype)
-inv_freq = 1.0 / 1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-angles = torch.arange(40960, dtype=torch.float64)[:, None] * inv_freq
-cos_sin_cache = torch.cat([angles.cos(), angles.sin()], dim=1).float().to(device)
+cos_sin_cache = torch.from_numpy(cuqk.rope_cos_sin_cache(40960, head_dim, base=1e6))
+cos_sin_cache = cos_sin_cache.to(device)
 hidden_states = torch.randn(tokens, hidden, device=device, dtype=dtype)
 positions = torch.arange(tokens, device=device)
 

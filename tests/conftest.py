@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-# Relative L2 error allowed against the float64 reference (one rounding at the store).
-TOLERANCES = {"bfloat16": 2e-3, "float16": 4e-4, "float32": 1e-5}
+from cuqk.reference import TOLERANCES
 
 
 def _gpu_available() -> bool:
