@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import NamedTuple
+
+import numpy as np
 
 from . import _interop, _jit, reference
 from ._interop import CPU
@@ -42,6 +45,34 @@ def _refuse_grad(plan):
         raise TypeError(
             f"{', '.join(plan.grad_inputs)} require grad, but cuqk ops have no backward yet; "
             "call them under torch.no_grad() or torch.inference_mode(), or pass detached tensors"
+        )
+
+
+_debug = os.environ.get("CUQK_DEBUG", "") not in ("", "0")
+
+
+def set_debug(enabled: bool) -> None:
+    """Turn on (or off) checks that read data before each launch.
+
+    With debug on, every call first checks that all positions lie in ``[0, max_position)`` and
+    raises ``ValueError`` naming the first bad token; this synchronises with the device, so it
+    is for finding bugs, not for production. Also on when the environment variable
+    ``CUQK_DEBUG`` is set to anything but ``0`` at import.
+    """
+    global _debug
+    _debug = bool(enabled)
+
+
+def _check_positions(positions, cache):
+    max_position = cache.shape[0]
+    bad = ((positions < 0) | (positions >= max_position)).reshape(-1)
+    if bool(bad.any()):
+        # nonzero()[0][0] is the first hit in NumPy, CuPy (tuple of arrays) and torch (n x 1).
+        first = int(bad.nonzero()[0][0])
+        index = [int(i) for i in np.unravel_index(first, tuple(positions.shape))]
+        raise ValueError(
+            f"positions{index} = {int(positions.reshape(-1)[first])} is outside "
+            f"[0, max_position={max_position}) (cuqk debug check)"
         )
 
 
@@ -394,6 +425,8 @@ def qk_norm_rope_(qkv, positions, q_weight, k_weight, cos_sin_cache, *, num_q_he
          head_dim, num_v_heads, eps, is_neox, rotary_dim, norm))
     if plan.grad_inputs:
         _refuse_grad(plan)
+    if _debug:
+        _check_positions(positions, cos_sin_cache)
     if plan.variant is not None:
         ptr = plan.pointer
         base = ptr(qkv)
@@ -433,6 +466,8 @@ def qk_norm_rope(q, k, positions, q_weight, k_weight, cos_sin_cache, *, eps=1e-6
         (q, k, positions, q_weight, k_weight, cos_sin_cache, eps, is_neox, rotary_dim, norm))
     if plan.grad_inputs:
         _refuse_grad(plan)
+    if _debug:
+        _check_positions(positions, cos_sin_cache)
     q_out = _interop.empty(plan.framework, plan.out_shapes[0], q)
     k_out = _interop.empty(plan.framework, plan.out_shapes[1], k)
     if plan.variant is not None:

@@ -441,3 +441,26 @@ def test_cpu_requires_grad_is_refused_until_backward_exists(inplace):
         call()
     with torch.inference_mode():
         call()
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch", "cupy"])
+def test_debug_mode_names_the_bad_position(framework):
+    if framework == "cupy" and not HAS_GPU:
+        pytest.skip("needs a GPU")
+    torch = pytest.importorskip("torch")
+    arrays, dims = _numpy_case(T=6)
+    arrays["positions"][4] = 50  # max_position is 50
+    if framework == "torch":
+        arrays = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        if HAS_GPU:
+            arrays = {k: v.cuda() for k, v in arrays.items()}
+    elif framework == "cupy":
+        arrays = {k: cupy.asarray(v) for k, v in arrays.items()}
+    before = arrays["qkv"].copy() if framework != "torch" else arrays["qkv"].clone()
+    cuqk.set_debug(True)
+    try:
+        with pytest.raises(ValueError, match=r"positions\[4\] = 50 is outside \[0, max_posit"):
+            cuqk.qk_norm_rope_(*arrays.values(), **dims)
+    finally:
+        cuqk.set_debug(False)
+    assert bool((arrays["qkv"] == before).all()), "qkv was written"
