@@ -464,3 +464,90 @@ def test_debug_mode_names_the_bad_position(framework):
     finally:
         cuqk.set_debug(False)
     assert bool((arrays["qkv"] == before).all()), "qkv was written"
+
+
+@requires_gpu
+def test_gpu_more_than_2_31_elements_last_rows_right():
+    """Element offsets past 2**31 (bf16, Qwen3-8B width, 400,000 tokens: about 4.9 GB)."""
+    T, Hq, Hk, Hv, D = 400_000, 32, 8, 8, 128
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    qkv = torch.randn(T, (Hq + Hk + Hv) * D, generator=gen, device="cuda", dtype=torch.bfloat16)
+    assert qkv.numel() > 2**31
+    positions = torch.randint(0, 4096, (T,), generator=gen, device="cuda")
+    cache = torch.from_numpy(cos_sin_cache64(4096, D)).cuda().float()
+    dims = dict(num_q_heads=Hq, num_kv_heads=Hk, head_dim=D)
+    rows = torch.cat([torch.arange(0, 64), torch.arange(T - 512, T)]).cuda()
+    ref = _ref_on_gpu(qkv[rows], positions[rows], None, None, cache, **dims)
+    cuqk.qk_norm_rope_(qkv, positions, None, None, cache, **dims)
+    torch.cuda.synchronize()
+    k_end = (Hq + Hk) * D
+    err = _rel_l2_gpu(qkv[rows][:, :k_end], ref[:, :k_end])
+    assert err <= TOLERANCES["bfloat16"], f"relative L2 error {err:.3g} in the first/last rows"
+
+
+@requires_gpu
+def test_gpu_eight_threads_with_their_own_streams_match_sequential():
+    import threading
+
+    D, Hq, Hk = 128, 16, 4
+    dims = dict(num_q_heads=Hq, num_kv_heads=Hk, head_dim=D)
+    cache = torch.from_numpy(cos_sin_cache64(2048, D)).cuda().float()
+    inputs = [(torch.randn(777 + 13 * i, (Hq + 2 * Hk) * D, device="cuda",
+                           dtype=torch.bfloat16),
+               torch.randint(0, 2048, (777 + 13 * i,), device="cuda")) for i in range(8)]
+    expected = []
+    for qkv, positions in inputs:
+        expected.append(cuqk.qk_norm_rope_(qkv.clone(), positions, None, None, cache, **dims))
+    torch.cuda.synchronize()
+    results, errors = [None] * 8, []
+
+    def work(i):
+        try:
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                qkv, positions = inputs[i]
+                for _ in range(20):
+                    out = cuqk.qk_norm_rope_(qkv.clone(), positions, None, None, cache, **dims)
+                results[i] = out
+            stream.synchronize()
+        except Exception as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        assert torch.equal(got, want)
+
+
+@requires_gpu
+def test_gpu_in_place_allocates_no_device_memory_and_stays_flat():
+    D, Hq, Hk = 128, 32, 8
+    dims = dict(num_q_heads=Hq, num_kv_heads=Hk, head_dim=D)
+    qkv = torch.randn(1, (Hq + 2 * Hk) * D, device="cuda", dtype=torch.bfloat16)
+    positions = torch.zeros(1, dtype=torch.int64, device="cuda")
+    cache = torch.from_numpy(cos_sin_cache64(16, D)).cuda().float()
+    cp_args = [cupy.from_dlpack(t) for t in (qkv, positions, cache)]
+    for _ in range(1000):  # warm-up: compile, plans, thread buffers
+        cuqk.qk_norm_rope_(qkv, positions, None, None, cache, **dims)
+        cuqk.qk_norm_rope_(cp_args[0], cp_args[1], None, None, cp_args[2], **dims)
+    torch.cuda.synchronize()
+    torch_before = torch.cuda.memory_allocated()
+    pool_before = cupy.get_default_memory_pool().used_bytes()
+    rss_before = _rss_bytes()
+    for _ in range(100_000):
+        cuqk.qk_norm_rope_(qkv, positions, None, None, cache, **dims)
+    for _ in range(10_000):
+        cuqk.qk_norm_rope_(cp_args[0], cp_args[1], None, None, cp_args[2], **dims)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == torch_before
+    assert cupy.get_default_memory_pool().used_bytes() == pool_before
+    assert _rss_bytes() - rss_before < 4 << 20, "host memory grew by more than 4 MB"
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
