@@ -203,8 +203,8 @@ def precompile(dtypes=None, device: int | None = None, progress=None) -> list[Va
     return chosen
 
 
-def compile_offline(variant: Variant, arch: str) -> bytes:
-    """Compile ``variant`` to a cubin for ``arch`` (e.g. ``"sm_90"``) with NVRTC alone.
+def compile_offline(variant: Variant, arch: str, *, ptx: bool = False) -> bytes:
+    """Compile ``variant`` for ``arch`` (e.g. ``"sm_90"``) with NVRTC alone: a cubin, or PTX.
 
     Needs no GPU, which is how CI checks that every variant builds for every target.
     """
@@ -213,12 +213,13 @@ def compile_offline(variant: Variant, arch: str) -> bytes:
     prog = nvrtc.createProgram(load_source("qk_norm_rope"), "qk_norm_rope.cu", (), ())
     try:
         nvrtc.addNameExpression(prog, variant.expression)
+        target = f"--gpu-architecture={arch.replace('sm_', 'compute_') if ptx else arch}"
         try:
-            nvrtc.compileProgram(prog, (*NVRTC_OPTIONS, f"--gpu-architecture={arch}"))
+            nvrtc.compileProgram(prog, (*NVRTC_OPTIONS, target))
         except nvrtc.NVRTCError as exc:
             raise RuntimeError(f"{variant.name} ({arch}):\n{nvrtc.getProgramLog(prog)}") from exc
         nvrtc.getLoweredName(prog, variant.expression)
-        return nvrtc.getCUBIN(prog)
+        return nvrtc.getPTX(prog) if ptx else nvrtc.getCUBIN(prog)
     finally:
         nvrtc.destroyProgram(prog)
 

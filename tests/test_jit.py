@@ -72,3 +72,8 @@ def test_source_inlines_headers_so_the_cache_key_tracks_them(tmp_path, monkeypat
 def test_nvrtc_compiles_every_variant(variant, arch):
     cubin = _jit.compile_offline(variant, arch)
     assert cubin[:4] == b"\x7fELF"
+
+
+def test_nvrtc_emits_ptx_for_offline_resource_checks():
+    ptx = _jit.compile_offline(_jit.VARIANTS[0], "sm_90", ptx=True)
+    assert b".visible .entry" in ptx and b".target sm_90" in ptx
