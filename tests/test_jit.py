@@ -76,4 +76,4 @@ def test_nvrtc_compiles_every_variant(variant, arch):
 
 def test_nvrtc_emits_ptx_for_offline_resource_checks():
     ptx = _jit.compile_offline(_jit.VARIANTS[0], "sm_90", ptx=True)
-    assert b".visible .entry" in ptx and b".target sm_90" in ptx
+    assert b".entry _Z19qk_norm_rope_kernel" in ptx and b".target sm_90" in ptx
