@@ -117,10 +117,7 @@ def kernel_bytes(cfg: Config, dtype: torch.dtype, tokens: int) -> int:
 
 
 def rope_cache(rotary_dim: int) -> torch.Tensor:
-    exponents = torch.arange(0, rotary_dim, 2, device="cuda", dtype=torch.float32) / rotary_dim
-    angles = torch.outer(torch.arange(MAX_POS, device="cuda", dtype=torch.float32),
-                         10000.0 ** -exponents)
-    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+    return torch.from_numpy(cuqk.rope_cos_sin_cache(MAX_POS, rotary_dim)).cuda()
 
 
 def rotation_count(buffer_bytes: int, rotate: bool) -> int:
