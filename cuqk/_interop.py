@@ -1,8 +1,9 @@
 """What cuqk needs to know about a caller's arrays: framework, geometry, pointer, stream.
 
 Supported: torch tensors and CuPy arrays (CUDA: the kernels; CPU torch: the reference) and
-NumPy arrays (the reference). Torch and JAX are never imported here unless the caller's
-arrays come from them.
+NumPy arrays (the reference). JAX arrays take their own path (``cuqk.jax``, an XLA callback
+that calls back into cuqk with CuPy or NumPy views); ``is_jax`` tells them apart without
+importing JAX. Torch and JAX are never imported here unless the caller's arrays come from them.
 
 Each framework gets a ``key`` function: a cheap tuple of everything a launch plan depends on
 (shape, strides, dtype, device, pointer alignment). Plans are cached on it, so the per-call
@@ -28,6 +29,19 @@ class ArrayInfo(NamedTuple):
     requires_grad: bool = False
 
 
+_JAX_MODULES = ("jax", "jaxlib")
+_IS_JAX_BY_TYPE: dict[type, bool] = {}
+
+
+def is_jax(x) -> bool:
+    """Whether ``x`` is a JAX array or tracer, judged by its type's module (JAX not imported)."""
+    cls = type(x)
+    answer = _IS_JAX_BY_TYPE.get(cls)
+    if answer is None:
+        answer = _IS_JAX_BY_TYPE[cls] = cls.__module__.split(".")[0] in _JAX_MODULES
+    return answer
+
+
 def _framework_of_type(cls) -> str:
     module = cls.__module__.split(".")[0]
     if module == "torch":
@@ -36,8 +50,12 @@ def _framework_of_type(cls) -> str:
         return "cupy"
     if issubclass(cls, np.ndarray):
         return "numpy"
-    if module in ("jax", "jaxlib"):
-        raise TypeError("cuqk does not accept JAX arrays yet; pass torch, CuPy or NumPy arrays")
+    if module in _JAX_MODULES:
+        # qk_norm_rope catches this TypeError and hands JAX arrays to cuqk.jax.
+        raise TypeError(
+            f"got a JAX array ({cls.__module__}.{cls.__qualname__}): JAX arrays are immutable, so "
+            "only the out-of-place cuqk.qk_norm_rope takes them, and only when q is a JAX array"
+        )
     raise TypeError(
         f"expected a torch.Tensor, cupy.ndarray or numpy.ndarray, got {cls.__module__}."
         f"{cls.__qualname__}"

@@ -22,6 +22,8 @@ from pathlib import Path
 import cupy
 from cupy_backends.cuda.api import driver, runtime
 
+from . import _cache
+
 
 def _find_kernel_dir() -> Path:
     # Installed wheels carry the sources as cuqk/kernels_cu (setup.cfg maps them there); a
@@ -78,17 +80,20 @@ class Variant:
     is_neox: bool
     vec: int
     max_units: int
+    is_mrope: bool = False
 
     @property
     def name(self) -> str:
         style = "neox" if self.is_neox else "gptj"
-        return f"qk_norm_rope_{self.dtype}_{style}_vec{self.vec}_units{self.max_units}"
+        mrope = "_mrope" if self.is_mrope else ""
+        return f"qk_norm_rope_{self.dtype}_{style}_vec{self.vec}_units{self.max_units}{mrope}"
 
     @property
     def expression(self) -> str:
         ctype = DTYPES[self.dtype][0]
         neox = "true" if self.is_neox else "false"
-        return f"qk_norm_rope_kernel<{ctype}, {neox}, {self.vec}, {self.max_units}>"
+        mrope = "true" if self.is_mrope else "false"
+        return f"qk_norm_rope_kernel<{ctype}, {neox}, {self.vec}, {self.max_units}, {mrope}>"
 
 
 def wide_vec(dtype: str) -> int:
@@ -103,19 +108,20 @@ _SCALAR_UNITS = 8
 
 def _build_variants() -> tuple[Variant, ...]:
     out = []
-    for dtype in DTYPES:
-        for is_neox in (True, False):
-            vec = wide_vec(dtype)
-            for units in (1, 2) if dtype == "float32" else (1,):
-                out.append(Variant(dtype, is_neox, vec, units))
-            out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS))
+    for is_mrope in (False, True):
+        for dtype in DTYPES:
+            for is_neox in (True, False):
+                vec = wide_vec(dtype)
+                for units in (1, 2) if dtype == "float32" else (1,):
+                    out.append(Variant(dtype, is_neox, vec, units, is_mrope))
+                out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS, is_mrope))
     return tuple(out)
 
 
 VARIANTS = _build_variants()
 _BY_KEY = {}
 for _v in VARIANTS:
-    _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec), []).append(_v)
+    _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec, _v.is_mrope), []).append(_v)
 
 
 def lanes_and_units(head_dim: int, vec: int) -> tuple[int, int]:
@@ -125,15 +131,16 @@ def lanes_and_units(head_dim: int, vec: int) -> tuple[int, int]:
     return lanes, -(-units // lanes)
 
 
-def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int) -> Variant:
+def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int,
+                   is_mrope: bool = False) -> Variant:
     """The smallest instance that holds ``units_per_lane``; ValueError if none does."""
-    for variant in _BY_KEY.get((dtype, is_neox, vec), ()):
+    for variant in _BY_KEY.get((dtype, is_neox, vec, is_mrope), ()):
         if variant.max_units >= units_per_lane:
             return variant
     supported = sorted({(v.dtype, v.vec, v.max_units) for v in VARIANTS})
     raise ValueError(
         f"no kernel variant for dtype={dtype}, is_neox={is_neox}, vec={vec}, "
-        f"units_per_lane={units_per_lane}; supported (dtype, vec, max_units): {supported}"
+        f"units_per_lane={units_per_lane}, is_mrope={is_mrope}; supported (dtype, vec, max_units): {supported}"
     )
 
 
@@ -159,19 +166,15 @@ def get_function(variant: Variant, device: int, stream: int = 0) -> int:
         func = _functions.get(key)
         if func is None:
             with cupy.cuda.Device(device):
-                major, minor = cupy.cuda.Device(device).compute_capability
-                if int(major + minor) < MIN_COMPUTE_CAPABILITY:
+                # A string such as "90" or "100": major digits, then one minor digit.
+                capability = int(cupy.cuda.Device(device).compute_capability)
+                if capability < MIN_COMPUTE_CAPABILITY:
                     raise RuntimeError(
                         f"cuqk needs compute capability 8.0 or newer; device {device} has "
-                        f"{major}.{minor}"
+                        f"{capability // 10}.{capability % 10}"
                     )
-                module = cupy.RawModule(
-                    code=load_source("qk_norm_rope"),
-                    options=NVRTC_OPTIONS,
-                    name_expressions=[variant.expression],
-                )
-                kernel = module.get_function(variant.expression)
-                func = kernel.kernel.ptr
+                kernel, func = _cache.load_kernel(
+                    load_source("qk_norm_rope"), variant.expression, NVRTC_OPTIONS)
             _kernels[key] = kernel
             _functions[key] = func
     return func
@@ -226,17 +229,18 @@ def compile_offline(variant: Variant, arch: str, *, ptx: bool = False) -> bytes:
 
 # ----------------------------------------------------------------------------- launching
 
-# QkNormRopeParams in kernels_cu/qk_norm_rope.cu: eight pointers, then the fields a plan fixes.
+# QkNormRopeParams in kernels_cu/qk_norm_rope.cu: the pointers, then the fields a plan fixes.
 POINTER_FIELDS = (
-    "q_in", "k_in", "q_out", "k_out", "positions", "cache", "q_weight", "k_weight",
+    "q_in", "k_in", "q_out", "k_out", "gate_out", "positions", "cache", "q_weight", "k_weight",
 )
 STATIC_FIELDS = (
     "q_in_outer", "q_in_inner", "q_in_head", "k_in_outer", "k_in_inner", "k_in_head",
     "q_out_outer", "q_out_inner", "q_out_head", "k_out_outer", "k_out_inner", "k_out_head",
-    "pos_stride_outer", "pos_stride_inner", "pos_is_int64",
+    "pos_stride_outer", "pos_stride_inner", "pos_stride_section", "pos_is_int64",
     "cache_row_stride", "max_position", "cache_dtype", "weight_dtype",
     "num_tokens", "tokens_inner", "num_q_heads", "num_k_heads",
-    "head_dim", "rotary_dim", "norm_mode", "lanes_per_head",
+    "head_dim", "rotary_dim", "norm_mode", "lanes_per_head", "rope_first",
+    "mrope_section0", "mrope_section1", "mrope_section2", "mrope_interleaved",
 )
 _STATICS = struct.Struct("<" + "q" * len(STATIC_FIELDS) + "d")
 # One pack per launch: the pointers, then the plan's pre-packed statics as raw bytes.

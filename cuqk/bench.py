@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch._dynamo
 
@@ -47,6 +48,11 @@ class Config(NamedTuple):
     rotary_dim: int
     is_neox: bool = True
     norm: str = "rms"
+    gate: bool = False  # qk_norm_rope_gate on [q | gate] heads instead of a packed qkv
+    weights: bool = True
+    rope_first: bool = False
+    mrope_section: tuple | None = None
+    mrope_interleaved: bool = False
 
 
 CONFIGS = {
@@ -56,6 +62,12 @@ CONFIGS = {
     "gptj-d64": Config(32, 8, 8, 64, 64, is_neox=False),
     "partial-d128": Config(32, 8, 8, 128, 64),
     "gemma-d256": Config(16, 8, 8, 256, 256, norm="gemma"),
+    "qwen3.5-gate": Config(16, 2, 0, 256, 64, norm="gemma", gate=True),
+    "qwen2.5-vl-mrope": Config(28, 4, 4, 128, 128, mrope_section=(16, 24, 24)),
+    "qwen3-vl-mrope": Config(32, 8, 8, 128, 128, mrope_section=(24, 20, 20),
+                             mrope_interleaved=True),
+    "llama4-rope-first": Config(40, 8, 8, 128, 128, is_neox=False, weights=False,
+                                rope_first=True),
 }
 # fp16 and fp32 get a subset by default so that a full run stays within a few minutes.
 _SUBSET = ("qwen3-8b", "gptj-d64")
@@ -71,25 +83,69 @@ MAX_CALLS = 200
 
 
 def reference_qk_norm_rope_(qkv, positions, q_weight, k_weight, cos_sin_cache, *, num_q_heads,
-                            num_kv_heads, head_dim, is_neox, rotary_dim, norm, eps):
+                            num_kv_heads, head_dim, **flags):
     """Unfused PyTorch version, written as a model would: the torch_eager/compile baseline."""
     tokens = qkv.shape[0]
     q_end = num_q_heads * head_dim
     k_end = q_end + num_kv_heads * head_dim
     q = qkv[:, :q_end].view(tokens, num_q_heads, head_dim)
     k = qkv[:, q_end:k_end].view(tokens, num_kv_heads, head_dim)
-    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
-    for x, weight in ((q, q_weight), (k, k_weight)):
-        y = _rms_norm(x.float(), weight.float(), norm, eps)
-        x.copy_(_rotate(y, cos, sin, is_neox, rotary_dim))
+    q_out, k_out = _norm_rope_pair(q, k, positions, q_weight, k_weight, cos_sin_cache, **flags)
+    q.copy_(q_out)
+    k.copy_(k_out)
     return qkv
 
 
+def reference_qk_norm_rope_gate(q_gate, k, positions, q_weight, k_weight, cos_sin_cache, *,
+                                num_q_heads, num_kv_heads, head_dim, **flags):
+    """Unfused PyTorch gated-attention prologue: split q from its gate, norm, RoPE."""
+    tokens = q_gate.shape[0]
+    heads = q_gate.view(tokens, num_q_heads, 2, head_dim)
+    q_out, k_out = _norm_rope_pair(heads[:, :, 0], k.view(tokens, num_kv_heads, head_dim),
+                                   positions, q_weight, k_weight, cos_sin_cache, **flags)
+    return (q_out.to(q_gate.dtype).reshape(tokens, -1), k_out.to(k.dtype).reshape(tokens, -1),
+            heads[:, :, 1].reshape(tokens, -1))
+
+
+def _norm_rope_pair(q, k, positions, q_weight, k_weight, cos_sin_cache, *, is_neox, rotary_dim,
+                    norm, eps, rope_first=False, mrope_section=None, mrope_interleaved=False):
+    cos, sin = _cos_sin(cos_sin_cache, positions, mrope_section, mrope_interleaved)
+    outs = []
+    for x, weight in ((q, q_weight), (k, k_weight)):
+        y = x.float()
+        if rope_first:
+            y = _rms_norm(_rotate(y, cos, sin, is_neox, rotary_dim), weight, norm, eps)
+        else:
+            y = _rotate(_rms_norm(y, weight, norm, eps), cos, sin, is_neox, rotary_dim)
+        outs.append(y)
+    return outs
+
+
+def _cos_sin(cos_sin_cache, positions, mrope_section, mrope_interleaved):
+    """Per-token ``[T, 1, rotary_dim / 2]`` cos and sin, gathered per section for mRoPE."""
+    rows = cos_sin_cache[positions]
+    if mrope_section is not None:
+        sec, freq = _mrope_index(rows.shape[-1] // 2, tuple(mrope_section), mrope_interleaved,
+                                 rows.device)
+        rows = rows[sec, :, freq].T
+    return rows.unsqueeze(1).chunk(2, dim=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _mrope_index(half, mrope_section, mrope_interleaved, device):
+    """Index tensors picking, for each cos and sin column, its section's row; built once per
+    layout so that nothing is copied to the device during CUDA-graph capture."""
+    sec = cuqk.reference.mrope_frequency_sections(half, mrope_section, mrope_interleaved)
+    freq = torch.arange(2 * half)
+    return torch.from_numpy(np.concatenate([sec, sec])).to(device), freq.to(device)
+
+
 def _rms_norm(x, weight, norm, eps):
+    y = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if weight is None:
+        return y
     # Gemma stores the scale as an offset from one.
-    if norm == "gemma":
-        weight = weight + 1.0
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
+    return y * (weight.float() + 1.0 if norm == "gemma" else weight.float())
 
 
 def _rotate(x, cos, sin, is_neox, rotary_dim):
@@ -106,14 +162,17 @@ def _rotate(x, cos, sin, is_neox, rotary_dim):
 def op_kwargs(cfg: Config) -> dict:
     return {"num_q_heads": cfg.num_q_heads, "num_kv_heads": cfg.num_kv_heads,
             "head_dim": cfg.head_dim, "is_neox": cfg.is_neox, "rotary_dim": cfg.rotary_dim,
-            "norm": cfg.norm, "eps": EPS}
+            "norm": cfg.norm, "eps": EPS, "rope_first": cfg.rope_first,
+            "mrope_section": cfg.mrope_section, "mrope_interleaved": cfg.mrope_interleaved}
 
 
 def kernel_bytes(cfg: Config, dtype: torch.dtype, tokens: int) -> int:
-    # Read and write every q and k element; read one float32 cache row (rotary_dim wide) and
-    # one int64 position per token. V is not touched.
-    qk = 2 * tokens * (cfg.num_q_heads + cfg.num_kv_heads) * cfg.head_dim * dtype.itemsize
-    return qk + tokens * cfg.rotary_dim * 4 + tokens * 8
+    # Read and write every q and k element (and copy every gate); read one float32 cache row
+    # (rotary_dim wide) and one int64 position per token (mRoPE: three). V is not touched.
+    heads = cfg.num_q_heads * (2 if cfg.gate else 1) + cfg.num_kv_heads
+    qk = 2 * tokens * heads * cfg.head_dim * dtype.itemsize
+    positions = 3 if cfg.mrope_section else 1
+    return qk + tokens * cfg.rotary_dim * 4 + tokens * 8 * positions
 
 
 def rope_cache(rotary_dim: int) -> torch.Tensor:
@@ -138,18 +197,28 @@ def provider_calls(provider, cfg, dtype, tokens, compiled, rotate) -> list[Calla
                   torch.empty(half, dtype=torch.uint8, device="cuda"))
                  for _ in range(rotation_count(2 * half, rotate))]
         return [functools.partial(dst.copy_, src) for src, dst in pairs]
-    op = {"cuqk": cuqk.qk_norm_rope_, "torch_eager": reference_qk_norm_rope_,
-          "torch_compile": compiled}[provider]
-    kwargs = op_kwargs(cfg) | ({"num_v_heads": cfg.num_v_heads} if provider == "cuqk" else {})
-    width = (cfg.num_q_heads + cfg.num_kv_heads + cfg.num_v_heads) * cfg.head_dim
-    weights = [(1.0 + 0.1 * torch.randn(cfg.head_dim, device="cuda")).to(dtype) for _ in "qk"]
+    fused = cuqk.qk_norm_rope_gate if cfg.gate else cuqk.qk_norm_rope_
+    op = {"cuqk": fused, "torch_eager": unfused_op(cfg), "torch_compile": compiled}[provider]
+    kwargs = op_kwargs(cfg)
+    if provider == "cuqk" and not cfg.gate:
+        kwargs["num_v_heads"] = cfg.num_v_heads
+    D = cfg.head_dim
+    widths = ((2 * cfg.num_q_heads * D, cfg.num_kv_heads * D) if cfg.gate else
+              ((cfg.num_q_heads + cfg.num_kv_heads + cfg.num_v_heads) * D,))
+    weights = [(1.0 + 0.1 * torch.randn(D, device="cuda")).to(dtype) if cfg.weights else None
+               for _ in "qk"]
     cache = rope_cache(cfg.rotary_dim)
+    position_shape = (3, tokens) if cfg.mrope_section else (tokens,)
     calls = []
-    for _ in range(rotation_count(tokens * (width * dtype.itemsize + 8), rotate)):
-        qkv = torch.randn(tokens, width, device="cuda", dtype=dtype)
-        positions = torch.randint(0, MAX_POS, (tokens,), device="cuda")
-        calls.append(functools.partial(op, qkv, positions, *weights, cache, **kwargs))
+    for _ in range(rotation_count(tokens * (sum(widths) * dtype.itemsize + 8), rotate)):
+        activations = [torch.randn(tokens, w, device="cuda", dtype=dtype) for w in widths]
+        positions = torch.randint(0, MAX_POS, position_shape, device="cuda")
+        calls.append(functools.partial(op, *activations, positions, *weights, cache, **kwargs))
     return calls
+
+
+def unfused_op(cfg: Config) -> Callable:
+    return reference_qk_norm_rope_gate if cfg.gate else reference_qk_norm_rope_
 
 
 def _warm_up(calls: list[Callable], warmup_ms: float) -> None:
@@ -248,7 +317,7 @@ def bench(configs=None, dtypes=DTYPES, sizes=SIZES, providers=PROVIDERS, rotate=
         dtype = getattr(torch, dtype_name)
         for name in configs or DEFAULT_CONFIGS[dtype_name]:
             torch._dynamo.reset()  # keeps each config's recompiles under the limit
-            compiled = torch.compile(reference_qk_norm_rope_, dynamic=False)
+            compiled = torch.compile(unfused_op(CONFIGS[name]), dynamic=False)
             print(f"\n{name} {dtype_name} {CONFIGS[name]}, median us per call\n"
                   f"{_table_header(providers)}")
             for tokens in sizes:

@@ -135,7 +135,11 @@ def _selftest_gpu_variant(variant, rng):
     if flat is None:
         return "skipped: bfloat16 needs torch"
     qkv = flat[offset:].reshape(T, width)
-    positions_host = rng.integers(0, max_pos, T)
+    # mRoPE variants: Qwen2-VL-like sections (1 : 1.5 : 1.5) of the rotary half.
+    half = head_dim // 2
+    section = (half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8)
+    mrope = {"mrope_section": section} if variant.is_mrope else {}
+    positions_host = rng.integers(0, max_pos, (3, T) if variant.is_mrope else T)
     positions, _ = _gpu_array(positions_host, "int64")
     cache_host = rope_cos_sin_cache(max_pos, head_dim)
     cache, cache64 = _gpu_array(cache_host, "float32")
@@ -145,14 +149,15 @@ def _selftest_gpu_variant(variant, rng):
         positions = torch.from_numpy(positions_host).cuda()
         cache = torch.from_numpy(cache64.astype(np.float32)).cuda()
     args = (qkv, positions, None, None, cache)
-    chosen = _plan_packed(*args, hq, hk, head_dim, hv, 1e-6, variant.is_neox, None, "rms").variant
+    chosen = _plan_packed(*args, hq, hk, head_dim, hv, 1e-6, variant.is_neox, None, "rms",
+                          False, mrope.get("mrope_section"), False).variant
     if chosen != variant:
         return f"dispatcher chose {chosen.name if chosen else None}"
     qk_norm_rope_(*args, num_q_heads=hq, num_kv_heads=hk, head_dim=head_dim, num_v_heads=hv,
-                  is_neox=variant.is_neox)
+                  is_neox=variant.is_neox, **mrope)
     ref = reference.qkv_norm_rope(flat64[offset:].reshape(T, width), positions_host, None,
                                   None, cache64, num_q_heads=hq, num_kv_heads=hk,
-                                  head_dim=head_dim, is_neox=variant.is_neox)
+                                  head_dim=head_dim, is_neox=variant.is_neox, **mrope)
     err = np.linalg.norm(_to_float64(qkv) - ref) / np.linalg.norm(ref)
     tolerance = reference.TOLERANCES[variant.dtype]
     return None if err <= tolerance else f"relative L2 error {err:.3g} > {tolerance:g}"
@@ -218,6 +223,10 @@ def main(argv=None) -> int:
     sub.add_parser("bench", help="benchmark (see python -m cuqk bench --help)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
+        if "--e2e" in rest:  # one decoder layer end to end (cuqk/bench_e2e.py)
+            from . import bench_e2e
+
+            return bench_e2e.main([a for a in rest if a != "--e2e"])
         from . import bench
 
         return bench.main(rest)

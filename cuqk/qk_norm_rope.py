@@ -37,6 +37,11 @@ class _Plan(NamedTuple):
     stream: object  # the framework's device -> current raw stream function
     function: list  # [CUfunction handle], filled at the first launch
     grad_inputs: tuple  # names of torch inputs that require grad
+    # Aliasing: (pointer index, first byte, end byte) of each array the kernel writes and of
+    # each it reads, relative to its pointer; a call whose live pointers make a written range
+    # meet another range gets the exact check (see _check_aliasing).
+    written_spans: tuple = ()
+    read_spans: tuple = ()
 
 
 def _refuse_grad(plan):
@@ -79,6 +84,7 @@ def _check_positions(positions, cache):
 # Plans of each op, keyed on _interop.key of every array plus the flags.
 _packed_plans: dict = {}
 _split_plans: dict = {}
+_gate_plans: dict = {}
 
 
 def _new_plan(plans, key, build, args):
@@ -136,28 +142,48 @@ def _same_place(named_infos):
             )
 
 
-def _check_flags(eps, is_neox, norm):
+def _check_flags(eps, is_neox, norm, rope_first, mrope_interleaved):
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not (
         math.isfinite(eps) and eps >= 0
     ):
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
-    if not isinstance(is_neox, bool):
-        raise TypeError(f"is_neox must be a bool, got {is_neox!r}")
+    for name, value in (("is_neox", is_neox), ("rope_first", rope_first),
+                        ("mrope_interleaved", mrope_interleaved)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
     if norm not in NORM_CODES:
         raise ValueError(f"norm must be one of {tuple(NORM_CODES)}, got {norm!r}")
 
 
+def _check_mrope_section(mrope_section, rotary_dim):
+    if mrope_section is None:
+        return
+    if not isinstance(mrope_section, (tuple, list)) or len(mrope_section) != 3:
+        raise ValueError(f"mrope_section must be three ints (s0, s1, s2), got {mrope_section!r}")
+    for value in mrope_section:
+        _require_int("each mrope_section entry", value, 0)
+    if sum(mrope_section) != rotary_dim // 2:
+        raise ValueError(
+            f"mrope_section must sum to rotary_dim // 2 = {rotary_dim // 2}, got "
+            f"{tuple(mrope_section)} (sum {sum(mrope_section)})"
+        )
+
+
 def _check_side_inputs(act_dtype, head_dim, lead, positions, q_weight, k_weight, cache,
-                       rotary_dim, norm):
-    """Checks shared by both ops; returns ``(rotary_dim, weight_dtype)``."""
+                       rotary_dim, norm, mrope_section):
+    """Checks shared by every op; returns ``(rotary_dim, weight_dtype)``."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be a multiple of 16 from 32 to 512, got {head_dim}")
-    if positions.dtype not in POSITION_DTYPES:
-        raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
-    if positions.shape != lead:
-        raise ValueError(
-            f"positions must have shape {lead} (the leading dims), got {positions.shape}"
-        )
+    if positions is None:
+        if mrope_section is not None:
+            raise ValueError("mrope_section needs positions of shape (3, *leading dims), got None")
+    else:
+        if positions.dtype not in POSITION_DTYPES:
+            raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
+        want = lead if mrope_section is None else (3, *lead)
+        if positions.shape != want:
+            what = "the leading dims" if mrope_section is None else "3 x the leading dims"
+            raise ValueError(f"positions must have shape {want} ({what}), got {positions.shape}")
     weights = [(n, w) for n, w in (("q_weight", q_weight), ("k_weight", k_weight)) if w]
     if weights and norm == "none":
         raise ValueError("norm='none' takes no weights; pass q_weight=None, k_weight=None")
@@ -189,6 +215,7 @@ def _check_side_inputs(act_dtype, head_dim, lead, positions, q_weight, k_weight,
             f"cos_sin_cache must be [max_position, rotary_dim={rotary_dim}] (cos | sin halves), "
             f"got width {width}"
         )
+    _check_mrope_section(mrope_section, rotary_dim)
     return rotary_dim, weights[0][1].dtype if weights else act_dtype
 
 
@@ -217,21 +244,104 @@ def _aligned(ptr_or_stride_bytes, alignment):
     return ptr_or_stride_bytes % alignment == 0
 
 
+def _itemsize(dtype):
+    return _jit.DTYPES[dtype][1] if dtype in _jit.DTYPES else np.dtype(dtype).itemsize
+
+
+def _byte_span(inf):
+    """``(first, end)`` bytes, relative to ``inf.ptr``, that an array's elements can occupy."""
+    itemsize = _itemsize(inf.dtype)
+    if 0 in inf.shape:
+        return 0, 0
+    low = sum(min(0, (n - 1) * st) for n, st in zip(inf.shape, inf.strides))
+    high = sum(max(0, (n - 1) * st) for n, st in zip(inf.shape, inf.strides))
+    return low * itemsize, (high + 1) * itemsize
+
+
+class _AddressOnly:
+    """An ``__array_interface__`` over device addresses: NumPy's overlap solver reads only the
+    pointer, shape and strides, never the memory."""
+
+    def __init__(self, inf):
+        itemsize = _itemsize(inf.dtype)
+        self.__array_interface__ = {
+            "data": (inf.ptr, True), "shape": inf.shape, "typestr": f"|V{itemsize}",
+            "strides": tuple(st * itemsize for st in inf.strides), "version": 3}
+
+
+def _shares_memory(a, b):
+    if 0 in a.shape or 0 in b.shape:
+        return False
+    try:
+        return bool(np.shares_memory(np.asarray(_AddressOnly(a)), np.asarray(_AddressOnly(b)),
+                                     max_work=100_000))
+    except np.exceptions.TooHardError:  # undecided: assume the worst
+        return True
+
+
+# Outputs that may be exactly the input they replace (in place, each thread reads its
+# elements before it writes them).
+_SAME_VIEW_OK = {"out[0]": "q", "out[1]": "k"}
+
+
+def _check_no_overlap(written, read):
+    """Raise ValueError if an array the kernel writes shares memory with another argument.
+
+    ``written`` and ``read`` are ``(name, ArrayInfo)`` pairs. Interleaved views that share no
+    element (q and k heads sliced out of one qkv) are fine; any shared element would race.
+    """
+    for i, (name, out) in enumerate(written):
+        for other_name, other in [(n, a) for n, a in read if a is not None] + written[i + 1:]:
+            if _SAME_VIEW_OK.get(name) == other_name and (other.ptr, other.shape,
+                                                          other.strides) == (out.ptr, out.shape,
+                                                                             out.strides):
+                continue
+            if _shares_memory(out, other):
+                raise ValueError(
+                    f"{name} overlaps {other_name} in memory; the kernel writes {name}, so it "
+                    "must not share memory with another argument (pass copies)"
+                )
+
+
+def _spans(named_infos, index):
+    """(pointer index, first, end) of each named array that is present."""
+    return tuple((index[n], *_byte_span(inf)) for n, inf in named_infos if inf is not None)
+
+
+def _ranges_meet(plan, pointers):
+    """Cheap per-call test on the live pointers: may a written array overlap another?"""
+    for w_index, w_first, w_end in plan.written_spans:
+        w_ptr = pointers[w_index]
+        for r_index, r_first, r_end in plan.read_spans:
+            r_ptr = pointers[r_index]
+            if r_index != w_index and r_ptr and r_ptr + r_first < w_ptr + w_end \
+                    and w_ptr + w_first < r_ptr + r_end:
+                return True
+    return False
+
+
 def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weight, cache, *,
                 num_q_heads, num_k_heads, head_dim, rotary_dim, weight_dtype, eps, is_neox,
-                norm, grad_inputs=(), k_offset=0, out_shapes=()):
+                norm, rope_first, mrope_section, mrope_interleaved, gate=False, grad_inputs=(),
+                k_offset=0, out_shapes=()):
     """Common tail of planning. ``heads`` is four (ptr, lead strides, head stride) for
-    q_in, k_in, q_out, k_out, in elements (pointers in bytes)."""
+    q_in, k_in, q_out, k_out, in elements (pointers in bytes). ``gate``: q_in holds a gate
+    after each q head, copied to a third output laid out as q_out."""
     num_tokens = math.prod(lead)
-    if num_tokens * (num_q_heads + num_k_heads) >= _MAX_HEAD_ITEMS:
-        raise ValueError(
-            f"{num_tokens} tokens x {num_q_heads + num_k_heads} heads exceeds 2**31 heads per call"
-        )
+    num_heads = num_q_heads * (2 if gate else 1) + num_k_heads
+    if num_tokens * num_heads >= _MAX_HEAD_ITEMS:
+        raise ValueError(f"{num_tokens} tokens x {num_heads} heads exceeds 2**31 heads per call")
     pointer = _interop.POINTERS[fw]
     if device == CPU or num_tokens == 0:
         return _Plan(fw, device, None, 0, b"", k_offset, out_shapes, pointer, None, [],
                      grad_inputs)
-    folded = _collapse_leading(lead, [h[1] for h in heads] + [positions.strides])
+    if positions is None:
+        pos_strides, section_stride = (0,) * len(lead), 0
+    elif mrope_section is None:
+        pos_strides, section_stride = positions.strides, 0
+    else:
+        pos_strides, section_stride = positions.strides[1:], positions.strides[0]
+    folded = _collapse_leading(lead, [h[1] for h in heads] + [pos_strides])
     if folded is None:
         raise ValueError(
             f"the leading dims {lead} of the inputs cannot be addressed with two strides; "
@@ -253,17 +363,20 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
             and cache.strides[0] % vec == 0):
         vec = 1
     lanes, units = _jit.lanes_and_units(head_dim, vec)
-    total_heads = num_tokens * (num_q_heads + num_k_heads)
-    variant = _jit.select_variant(act_dtype, is_neox, vec, units)
+    variant = _jit.select_variant(act_dtype, is_neox, vec, units, mrope_section is not None)
 
+    sections = tuple(mrope_section) if mrope_section is not None else (0, 0, 0)
     statics = {
         "pos_stride_outer": lead_strides[4][0], "pos_stride_inner": lead_strides[4][1],
-        "pos_is_int64": positions.dtype == "int64",
+        "pos_stride_section": section_stride,
+        "pos_is_int64": positions is not None and positions.dtype == "int64",
         "cache_row_stride": cache.strides[0], "max_position": cache.shape[0],
         "cache_dtype": _jit.DTYPES[cache.dtype][2], "weight_dtype": _jit.DTYPES[weight_dtype][2],
         "num_tokens": num_tokens, "tokens_inner": n_inner,
         "num_q_heads": num_q_heads, "num_k_heads": num_k_heads, "head_dim": head_dim,
         "rotary_dim": rotary_dim, "norm_mode": NORM_CODES[norm], "lanes_per_head": lanes,
+        "rope_first": rope_first, "mrope_section0": sections[0], "mrope_section1": sections[1],
+        "mrope_section2": sections[2], "mrope_interleaved": mrope_interleaved,
     }
     for prefix, (_, _, head_stride), (outer, inner) in zip(
         ("q_in", "k_in", "q_out", "k_out"), heads, lead_strides
@@ -271,24 +384,59 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         statics[f"{prefix}_outer"], statics[f"{prefix}_inner"] = outer, inner
         statics[f"{prefix}_head"] = head_stride
     heads_per_block = _jit.BLOCK_THREADS // lanes
-    blocks = min(-(-total_heads // heads_per_block), 2**31 - 1)
+    blocks = min(-(-(num_tokens * num_heads) // heads_per_block), 2**31 - 1)
     return _Plan(fw, device, variant, blocks, _jit.pack_statics(statics, eps), k_offset,
                  out_shapes, pointer, _interop.stream_getter(fw), [], grad_inputs)
 
 
+def _infos(named):
+    infos = {n: (_interop.info(a) if a is not None else None) for n, a in named}
+    _same_place([(n, i) for n, i in infos.items() if i is not None])
+    return infos
+
+
+def _side_reads(infos):
+    return [(n, infos[n]) for n in ("positions", "q_weight", "k_weight", "cos_sin_cache")]
+
+
+# Where each named array's pointer sits in the tuple a launch passes (QkNormRopeParams order).
+_POINTER_INDEX = {"qkv": 0, "q": 0, "k": 1, "out[0]": 2, "out[1]": 3, "positions": 5,
+                  "cos_sin_cache": 6, "q_weight": 7, "k_weight": 8}
+
+
+def _recheck_aliasing(plan, pointers, named, packed_heads=None):
+    """The exact aliasing check again, on this call's arrays, when their live addresses make
+    a written range meet another (a plan is shared by every call of the same geometry).
+    ``packed_heads``: (Hq + Hk, D) of an in-place call."""
+    if _ranges_meet(plan, pointers):
+        infos = _infos(named)
+        if packed_heads:
+            _check_no_overlap(*_packed_aliases(infos, *packed_heads))
+        else:
+            _check_no_overlap(*_split_aliases(infos))
+
+
+def _contiguous_lead_strides(lead, row):
+    """Element strides of the leading dims of a contiguous ``[*lead, row]`` array."""
+    strides, step = [], row
+    for n in reversed(lead):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 def _plan_packed(qkv, positions, q_weight, k_weight, cache, num_q_heads, num_kv_heads,
-                 head_dim, num_v_heads, eps, is_neox, rotary_dim, norm):
-    _check_flags(eps, is_neox, norm)
+                 head_dim, num_v_heads, eps, is_neox, rotary_dim, norm, rope_first,
+                 mrope_section, mrope_interleaved):
+    _check_flags(eps, is_neox, norm, rope_first, mrope_interleaved)
     for name, value, minimum in (("num_q_heads", num_q_heads, 1),
                                  ("num_kv_heads", num_kv_heads, 1),
                                  ("head_dim", head_dim, 1)):
         _require_int(name, value, minimum)
     num_v_heads = num_kv_heads if num_v_heads is None else num_v_heads
     _require_int("num_v_heads", num_v_heads, 0)
-    named = [("qkv", qkv), ("positions", positions), ("q_weight", q_weight),
-             ("k_weight", k_weight), ("cos_sin_cache", cache)]
-    infos = {n: (_interop.info(a) if a is not None else None) for n, a in named}
-    _same_place([(n, i) for n, i in infos.items() if i is not None])
+    infos = _infos([("qkv", qkv), ("positions", positions), ("q_weight", q_weight),
+                    ("k_weight", k_weight), ("cos_sin_cache", cache)])
     q = infos["qkv"]
     if q.dtype not in ACTIVATION_DTYPES:
         raise TypeError(f"qkv must be one of {ACTIVATION_DTYPES}, got {q.dtype}")
@@ -302,24 +450,42 @@ def _plan_packed(qkv, positions, q_weight, k_weight, cache, num_q_heads, num_kv_
     lead = q.shape[:-1]
     rotary_dim, weight_dtype = _check_side_inputs(
         q.dtype, head_dim, lead, infos["positions"], infos["q_weight"], infos["k_weight"],
-        infos["cos_sin_cache"], rotary_dim, norm)
+        infos["cos_sin_cache"], rotary_dim, norm, mrope_section)
+    if q.device != CPU:
+        _check_no_overlap(*_packed_aliases(infos, num_q_heads + num_kv_heads, head_dim))
     k_offset = num_q_heads * head_dim * _jit.DTYPES[q.dtype][1]
     lead_strides = q.strides[:-1]
     heads = [(q.ptr, lead_strides, head_dim), (q.ptr + k_offset, lead_strides, head_dim)] * 2
-    return _build_plan(
+    plan = _build_plan(
         q.framework, q.device, q.dtype, lead, heads, infos["positions"], infos["q_weight"],
         infos["k_weight"], infos["cos_sin_cache"], num_q_heads=num_q_heads,
         num_k_heads=num_kv_heads, head_dim=head_dim, rotary_dim=rotary_dim,
-        weight_dtype=weight_dtype, eps=eps, is_neox=is_neox, norm=norm,
+        weight_dtype=weight_dtype, eps=eps, is_neox=is_neox, norm=norm, rope_first=rope_first,
+        mrope_section=mrope_section, mrope_interleaved=mrope_interleaved,
         grad_inputs=_grad_inputs(infos), k_offset=k_offset)
+    written, read = _packed_aliases(infos, num_q_heads + num_kv_heads, head_dim)
+    return plan._replace(written_spans=_spans(written, _POINTER_INDEX),
+                         read_spans=_spans(read, _POINTER_INDEX))
 
 
-def _plan_split(q, k, positions, q_weight, k_weight, cache, eps, is_neox, rotary_dim, norm):
-    _check_flags(eps, is_neox, norm)
+def _packed_aliases(infos, qk_heads, head_dim):
+    """(written, read) named infos of an in-place call: the kernel writes the q and k heads
+    of qkv (a weight sliced out of v would be fine)."""
+    qkv = infos["qkv"]
+    return [("qkv", qkv._replace(shape=(*qkv.shape[:-1], qk_heads * head_dim)))], \
+        _side_reads(infos)
+
+
+def _plan_split(q, k, positions, q_weight, k_weight, cache, eps, is_neox, rotary_dim, norm,
+                rope_first, mrope_section, mrope_interleaved, out):
+    _check_flags(eps, is_neox, norm, rope_first, mrope_interleaved)
+    if out is not None and (not isinstance(out, (tuple, list)) or len(out) != 2):
+        raise TypeError(f"out must be a (q_out, k_out) pair of arrays or None, got {out!r}")
     named = [("q", q), ("k", k), ("positions", positions), ("q_weight", q_weight),
              ("k_weight", k_weight), ("cos_sin_cache", cache)]
-    infos = {n: (_interop.info(a) if a is not None else None) for n, a in named}
-    _same_place([(n, i) for n, i in infos.items() if i is not None])
+    if out is not None:
+        named += [("out[0]", out[0]), ("out[1]", out[1])]
+    infos = _infos(named)
     qi, ki = infos["q"], infos["k"]
     for name, inf in (("q", qi), ("k", ki)):
         if inf.dtype not in ACTIVATION_DTYPES:
@@ -338,28 +504,87 @@ def _plan_split(q, k, positions, q_weight, k_weight, cache, eps, is_neox, rotary
     lead = qi.shape[:-2]
     rotary_dim, weight_dtype = _check_side_inputs(
         qi.dtype, head_dim, lead, infos["positions"], infos["q_weight"], infos["k_weight"],
-        infos["cos_sin_cache"], rotary_dim, norm)
+        infos["cos_sin_cache"], rotary_dim, norm, mrope_section)
     num_q_heads, num_k_heads = qi.shape[-2], ki.shape[-2]
     for name, count in (("q", num_q_heads), ("k", num_k_heads)):
         if count < 1:
             raise ValueError(f"{name} must have at least one head, got shape {infos[name].shape}")
-
-    def contiguous_lead_strides(heads):
-        strides, step = [], heads * head_dim
-        for n in reversed(lead):
-            strides.append(step)
-            step *= n
-        return tuple(reversed(strides))
-
-    heads = [(qi.ptr, qi.strides[:-2], qi.strides[-2]), (ki.ptr, ki.strides[:-2], ki.strides[-2]),
-             (0, contiguous_lead_strides(num_q_heads), head_dim),
-             (0, contiguous_lead_strides(num_k_heads), head_dim)]
-    return _build_plan(
+    if out is None:
+        heads_out = [(0, _contiguous_lead_strides(lead, num_q_heads * head_dim), head_dim),
+                     (0, _contiguous_lead_strides(lead, num_k_heads * head_dim), head_dim)]
+    else:
+        heads_out = []
+        for name, like in (("out[0]", qi), ("out[1]", ki)):
+            o = infos[name]
+            if o.dtype != like.dtype or o.shape != like.shape:
+                raise ValueError(
+                    f"{name} must be {like.dtype} of shape {like.shape}, got {o.dtype} {o.shape}"
+                )
+            _require_last_dim_contiguous(name, o)
+            heads_out.append((o.ptr, o.strides[:-2], o.strides[-2]))
+        if qi.device != CPU:
+            _check_no_overlap(*_split_aliases(infos))
+    heads = [(qi.ptr, qi.strides[:-2], qi.strides[-2]),
+             (ki.ptr, ki.strides[:-2], ki.strides[-2])] + heads_out
+    plan = _build_plan(
         qi.framework, qi.device, qi.dtype, lead, heads, infos["positions"], infos["q_weight"],
         infos["k_weight"], infos["cos_sin_cache"], num_q_heads=num_q_heads,
         num_k_heads=num_k_heads, head_dim=head_dim, rotary_dim=rotary_dim,
-        weight_dtype=weight_dtype, eps=eps, is_neox=is_neox, norm=norm,
+        weight_dtype=weight_dtype, eps=eps, is_neox=is_neox, norm=norm, rope_first=rope_first,
+        mrope_section=mrope_section, mrope_interleaved=mrope_interleaved,
         grad_inputs=_grad_inputs(infos), out_shapes=(qi.shape, ki.shape))
+    if out is None:
+        return plan
+    written, read = _split_aliases(infos)
+    return plan._replace(written_spans=_spans(written, _POINTER_INDEX),
+                         read_spans=_spans(written + read, _POINTER_INDEX))
+
+
+def _split_aliases(infos):
+    """(written, read) named infos of an out-of-place call with ``out``."""
+    return ([("out[0]", infos["out[0]"]), ("out[1]", infos["out[1]"])],
+            [("q", infos["q"]), ("k", infos["k"])] + _side_reads(infos))
+
+
+def _plan_gate(q_gate, k, positions, q_weight, k_weight, cache, num_q_heads, num_kv_heads,
+               head_dim, eps, is_neox, rotary_dim, norm, rope_first, mrope_section,
+               mrope_interleaved):
+    _check_flags(eps, is_neox, norm, rope_first, mrope_interleaved)
+    for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim)):
+        _require_int(name, value, 1)
+    infos = _infos([("q_gate", q_gate), ("k", k), ("positions", positions),
+                    ("q_weight", q_weight), ("k_weight", k_weight), ("cos_sin_cache", cache)])
+    qi, ki = infos["q_gate"], infos["k"]
+    for name, inf, width in (("q_gate", qi, num_q_heads * 2 * head_dim),
+                             ("k", ki, num_kv_heads * head_dim)):
+        if inf.dtype not in ACTIVATION_DTYPES:
+            raise TypeError(f"{name} must be one of {ACTIVATION_DTYPES}, got {inf.dtype}")
+        if not inf.shape or inf.shape[-1] != width:
+            what = "num_q_heads * 2 * head_dim" if name == "q_gate" else "num_kv_heads * head_dim"
+            raise ValueError(f"{name} must be [..., {what} = {width}], got shape {inf.shape}")
+        _require_last_dim_contiguous(name, inf)
+    if ki.dtype != qi.dtype:
+        raise TypeError(f"k must have q_gate's dtype {qi.dtype}, got {ki.dtype}")
+    lead = qi.shape[:-1]
+    if ki.shape[:-1] != lead:
+        raise ValueError(f"k must have q_gate's leading dims {lead}, got shape {ki.shape}")
+    rotary_dim, weight_dtype = _check_side_inputs(
+        qi.dtype, head_dim, lead, infos["positions"], infos["q_weight"], infos["k_weight"],
+        infos["cos_sin_cache"], rotary_dim, norm, mrope_section)
+    q_rows = _contiguous_lead_strides(lead, num_q_heads * head_dim)
+    heads = [(qi.ptr, qi.strides[:-1], 2 * head_dim), (ki.ptr, ki.strides[:-1], head_dim),
+             (0, q_rows, head_dim),
+             (0, _contiguous_lead_strides(lead, num_kv_heads * head_dim), head_dim)]
+    q_shape = (*lead, num_q_heads * head_dim)
+    return _build_plan(
+        qi.framework, qi.device, qi.dtype, lead, heads, infos["positions"], infos["q_weight"],
+        infos["k_weight"], infos["cos_sin_cache"], num_q_heads=num_q_heads,
+        num_k_heads=num_kv_heads, head_dim=head_dim, rotary_dim=rotary_dim,
+        weight_dtype=weight_dtype, eps=eps, is_neox=is_neox, norm=norm, rope_first=rope_first,
+        mrope_section=mrope_section, mrope_interleaved=mrope_interleaved, gate=True,
+        grad_inputs=_grad_inputs(infos),
+        out_shapes=(q_shape, (*lead, num_kv_heads * head_dim), q_shape))
 
 
 # ----------------------------------------------------------------------------- launching
@@ -373,19 +598,48 @@ def _launch(plan, pointers):
     _jit.launch(plan.function[0], plan.blocks, stream, device, pointers, plan.statics)
 
 
-def _reference_packed(qkv, positions, q_weight, k_weight, cache, *, num_q_heads, num_kv_heads,
-                      head_dim, **kwargs):
-    k_end = (num_q_heads + num_kv_heads) * head_dim
-    ref = reference.qkv_norm_rope(
-        _interop.to_float64(qkv), _interop.to_numpy(positions), _interop.to_float64(q_weight),
-        _interop.to_float64(k_weight), _interop.to_float64(cache), num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, **kwargs)
-    _interop.write_from_float64(qkv[..., :k_end], ref[..., :k_end])
+def _side_pointers(plan, positions, cache, q_weight, k_weight):
+    ptr = plan.pointer
+    return (0 if positions is None else ptr(positions), ptr(cache),
+            0 if q_weight is None else ptr(q_weight), 0 if k_weight is None else ptr(k_weight))
+
+
+def _before_launch(plan, positions, cache):
+    if plan.grad_inputs:
+        _refuse_grad(plan)
+    if _debug and positions is not None:
+        _check_positions(positions, cache)
+
+
+def _hashable(section):
+    # torch custom ops hand over list[int]; a list would make the plan key unhashable.
+    return tuple(section) if isinstance(section, list) else section
+
+
+def _flag_key(eps, is_neox, rotary_dim, norm, rope_first, mrope_section, mrope_interleaved):
+    # Types too: True == 1 == 1.0, and a mistyped flag must not reuse a checked plan.
+    return (eps, is_neox, rotary_dim, norm, rope_first, _hashable(mrope_section),
+            mrope_interleaved, type(eps), type(is_neox), type(rotary_dim), type(rope_first),
+            type(mrope_interleaved))
+
+
+def _reference_kwargs(eps, is_neox, rotary_dim, norm, rope_first, mrope_section,
+                      mrope_interleaved):
+    return {"eps": eps, "is_neox": is_neox, "rotary_dim": rotary_dim, "norm": norm,
+            "rope_first": rope_first, "mrope_section": mrope_section,
+            "mrope_interleaved": mrope_interleaved}
+
+
+def _reference_inputs(positions, q_weight, k_weight, cache):
+    return (None if positions is None else _interop.to_numpy(positions),
+            _interop.to_float64(q_weight), _interop.to_float64(k_weight),
+            _interop.to_float64(cache))
 
 
 def qk_norm_rope_(qkv, positions, q_weight, k_weight, cos_sin_cache, *, num_q_heads,
                   num_kv_heads, head_dim, num_v_heads=None, eps=1e-6, is_neox=True,
-                  rotary_dim=None, norm="rms"):
+                  rotary_dim=None, norm="rms", rope_first=False, mrope_section=None,
+                  mrope_interleaved=False):
     """Normalise and rotate the q and k heads of a packed ``qkv`` in place.
 
     Per head, in float32: ``norm="rms"``: ``x * rsqrt(mean(x^2) + eps) * w``;
@@ -400,87 +654,180 @@ def qk_norm_rope_(qkv, positions, q_weight, k_weight, cos_sin_cache, *, num_q_he
     qkv : ``[..., (Hq + Hk + Hv) * D]`` float16, bfloat16 or float32; q | k | v heads per row.
         Any leading dims; last dim contiguous; rows may be strided (a view of a wider buffer).
         V heads are left bit-for-bit untouched.
-    positions : int32 or int64, shape ``qkv.shape[:-1]``. A position outside
-        ``[0, max_position)`` never reads outside the cache: its token's rotary dims become NaN.
+    positions : int32 or int64, shape ``qkv.shape[:-1]``, or None: token ``t`` (counted
+        row-major over the leading dims) reads cache row ``t``, so a per-token cos/sin table
+        can be passed as the cache. A position outside ``[0, max_position)`` never reads
+        outside the cache: the frequencies that use it become NaN.
     q_weight, k_weight : ``[D]`` in qkv's dtype or float32, or None for no weight.
     cos_sin_cache : ``[max_position, rotary_dim]`` float32, float16 or bfloat16;
         row p = ``[cos(p*f_0 .. p*f_{r/2-1}) | sin(...)]``.
     num_q_heads, num_kv_heads, head_dim : Hq, Hk and D; D a multiple of 16 from 32 to 512.
     num_v_heads : Hv, default ``num_kv_heads``.
     rotary_dim : even, 2 to D; defaults to (and must equal) ``cos_sin_cache.shape[1]``.
+    rope_first : apply RoPE before the norm instead of after it (Llama 4 order).
+    mrope_section : ``(s0, s1, s2)`` with ``s0 + s1 + s2 == rotary_dim // 2`` for multimodal
+        RoPE: ``positions`` is then ``[3, ...]`` (temporal, height, width) and frequency ``j``
+        reads the cache row of position row 0 for ``j < s0``, 1 for ``j < s0 + s1``, else 2;
+        with ``mrope_interleaved=True`` (Qwen3-VL) row 1 for ``j % 3 == 1 and j < 3*s1``,
+        row 2 for ``j % 3 == 2 and j < 3*s2``, else row 0.
 
     Returns ``qkv``. CUDA arrays (torch, CuPy) run on the caller's current stream on their
-    device; CPU torch tensors and NumPy arrays run ``cuqk.reference``.
+    device; CPU torch tensors and NumPy arrays run ``cuqk.reference``. The weights, cache and
+    positions must not share memory with ``qkv`` (ValueError).
     """
     key = _interop.key
     plan = _get_plan(
         _packed_plans,
-        # Types too: True == 1 == 1.0, and a mistyped flag must not reuse a checked plan.
         (key(qkv), key(positions), key(q_weight), key(k_weight), key(cos_sin_cache),
-         num_q_heads, num_kv_heads, head_dim, num_v_heads, eps, is_neox, rotary_dim, norm,
-         type(num_q_heads), type(num_kv_heads), type(head_dim), type(num_v_heads), type(eps),
-         type(is_neox), type(rotary_dim)),
+         num_q_heads, num_kv_heads, head_dim, num_v_heads, type(num_q_heads),
+         type(num_kv_heads), type(head_dim), type(num_v_heads),
+         *_flag_key(eps, is_neox, rotary_dim, norm, rope_first, mrope_section,
+                    mrope_interleaved)),
         _plan_packed,
         (qkv, positions, q_weight, k_weight, cos_sin_cache, num_q_heads, num_kv_heads,
-         head_dim, num_v_heads, eps, is_neox, rotary_dim, norm))
-    if plan.grad_inputs:
-        _refuse_grad(plan)
-    if _debug:
-        _check_positions(positions, cos_sin_cache)
+         head_dim, num_v_heads, eps, is_neox, rotary_dim, norm, rope_first, mrope_section,
+         mrope_interleaved))
+    _before_launch(plan, positions, cos_sin_cache)
     if plan.variant is not None:
-        ptr = plan.pointer
-        base = ptr(qkv)
+        base = plan.pointer(qkv)
         k_base = base + plan.k_offset
-        _launch(plan, (base, k_base, base, k_base, ptr(positions), ptr(cos_sin_cache),
-                       0 if q_weight is None else ptr(q_weight),
-                       0 if k_weight is None else ptr(k_weight)))
+        pointers = (base, k_base, base, k_base, 0,
+                    *_side_pointers(plan, positions, cos_sin_cache, q_weight, k_weight))
+        _recheck_aliasing(plan, pointers, (("qkv", qkv), ("positions", positions),
+                                           ("q_weight", q_weight), ("k_weight", k_weight),
+                                           ("cos_sin_cache", cos_sin_cache)),
+                          (num_q_heads + num_kv_heads, head_dim))
+        _launch(plan, pointers)
     elif plan.device == CPU:
-        _reference_packed(qkv, positions, q_weight, k_weight, cos_sin_cache,
-                          num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-                          head_dim=head_dim, eps=eps, is_neox=is_neox, rotary_dim=rotary_dim,
-                          norm=norm)
+        k_end = (num_q_heads + num_kv_heads) * head_dim
+        ref = reference.qkv_norm_rope(
+            _interop.to_float64(qkv), *_reference_inputs(positions, q_weight, k_weight,
+                                                         cos_sin_cache),
+            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            **_reference_kwargs(eps, is_neox, rotary_dim, norm, rope_first, mrope_section,
+                                mrope_interleaved))
+        _interop.write_from_float64(qkv[..., :k_end], ref[..., :k_end])
     return qkv
 
 
 def qk_norm_rope(q, k, positions, q_weight, k_weight, cos_sin_cache, *, eps=1e-6, is_neox=True,
-                 rotary_dim=None, norm="rms"):
+                 rotary_dim=None, norm="rms", rope_first=False, mrope_section=None,
+                 mrope_interleaved=False, out=None):
     """Out-of-place ``qk_norm_rope_`` on separate q and k heads.
 
     Parameters
     ----------
     q, k : ``[..., Hq, D]`` and ``[..., Hk, D]``, one float dtype, any strides except a
-        contiguous last dim (e.g. views sliced out of a packed qkv).
-    positions, q_weight, k_weight, cos_sin_cache, eps, is_neox, rotary_dim, norm :
-        as in ``qk_norm_rope_``.
+        contiguous last dim (e.g. views sliced out of a packed qkv). JAX arrays are accepted
+        too (see ``cuqk.jax``).
+    positions, q_weight, k_weight, cos_sin_cache, eps, is_neox, rotary_dim, norm, rope_first,
+    mrope_section, mrope_interleaved : as in ``qk_norm_rope_``.
+    out : optional ``(q_out, k_out)`` of q's and k's dtype and shapes (last dim contiguous)
+        to write into instead of new arrays; each may be the very array it replaces (in
+        place), but must not otherwise share memory with an argument.
 
     Returns
     -------
-    ``(q_out, k_out)``: new contiguous arrays of q's and k's shapes, of the caller's type.
+    ``(q_out, k_out)``: new contiguous arrays of q's and k's shapes, of the caller's type, or
+    ``out``.
     """
     key = _interop.key
-    plan = _get_plan(
-        _split_plans,
-        (key(q), key(k), key(positions), key(q_weight), key(k_weight), key(cos_sin_cache), eps,
-         is_neox, rotary_dim, norm, type(eps), type(is_neox), type(rotary_dim)),
-        _plan_split,
-        (q, k, positions, q_weight, k_weight, cos_sin_cache, eps, is_neox, rotary_dim, norm))
-    if plan.grad_inputs:
-        _refuse_grad(plan)
-    if _debug:
-        _check_positions(positions, cos_sin_cache)
-    q_out = _interop.empty(plan.framework, plan.out_shapes[0], q)
-    k_out = _interop.empty(plan.framework, plan.out_shapes[1], k)
+    try:
+        plan = _get_plan(
+            _split_plans,
+            (key(q), key(k), key(positions), key(q_weight), key(k_weight), key(cos_sin_cache),
+             None if out is None else (key(out[0]), key(out[1])),
+             *_flag_key(eps, is_neox, rotary_dim, norm, rope_first, mrope_section,
+                        mrope_interleaved)),
+            _plan_split,
+            (q, k, positions, q_weight, k_weight, cos_sin_cache, eps, is_neox, rotary_dim, norm,
+             rope_first, mrope_section, mrope_interleaved, out))
+    except TypeError:
+        if not _interop.is_jax(q):
+            raise
+        from . import jax as cuqk_jax
+
+        return cuqk_jax.qk_norm_rope(
+            q, k, positions, q_weight, k_weight, cos_sin_cache, eps=eps, is_neox=is_neox,
+            rotary_dim=rotary_dim, norm=norm, rope_first=rope_first, mrope_section=mrope_section,
+            mrope_interleaved=mrope_interleaved)
+    _before_launch(plan, positions, cos_sin_cache)
+    if out is None:
+        q_out = _interop.empty(plan.framework, plan.out_shapes[0], q)
+        k_out = _interop.empty(plan.framework, plan.out_shapes[1], k)
+    else:
+        q_out, k_out = out
     if plan.variant is not None:
         ptr = plan.pointer
-        _launch(plan, (ptr(q), ptr(k), ptr(q_out), ptr(k_out), ptr(positions),
-                       ptr(cos_sin_cache), 0 if q_weight is None else ptr(q_weight),
-                       0 if k_weight is None else ptr(k_weight)))
+        pointers = (ptr(q), ptr(k), ptr(q_out), ptr(k_out), 0,
+                    *_side_pointers(plan, positions, cos_sin_cache, q_weight, k_weight))
+        if out is not None:
+            _recheck_aliasing(plan, pointers, (
+                ("q", q), ("k", k), ("positions", positions), ("q_weight", q_weight),
+                ("k_weight", k_weight), ("cos_sin_cache", cos_sin_cache), ("out[0]", q_out),
+                ("out[1]", k_out)))
+        _launch(plan, pointers)
     elif plan.device == CPU:
-        kwargs = {"eps": eps, "is_neox": is_neox, "rotary_dim": rotary_dim, "norm": norm}
         q_ref, k_ref = reference.qk_norm_rope(
-            _interop.to_float64(q), _interop.to_float64(k), _interop.to_numpy(positions),
-            _interop.to_float64(q_weight), _interop.to_float64(k_weight),
-            _interop.to_float64(cos_sin_cache), **kwargs)
+            _interop.to_float64(q), _interop.to_float64(k),
+            *_reference_inputs(positions, q_weight, k_weight, cos_sin_cache),
+            **_reference_kwargs(eps, is_neox, rotary_dim, norm, rope_first, mrope_section,
+                                mrope_interleaved))
         _interop.write_from_float64(q_out, q_ref)
         _interop.write_from_float64(k_out, k_ref)
     return q_out, k_out
+
+
+def qk_norm_rope_gate(q_gate, k, positions, q_weight, k_weight, cos_sin_cache, *, num_q_heads,
+                      num_kv_heads, head_dim, eps=1e-6, is_neox=True, rotary_dim=None,
+                      norm="gemma", rope_first=False, mrope_section=None,
+                      mrope_interleaved=False):
+    """Gated attention's prologue (Qwen3-Next, Qwen3.5): split q from its gate, normalise and
+    rotate q and k, copy the gate, in one kernel.
+
+    Parameters
+    ----------
+    q_gate : ``[..., Hq * 2 * D]`` float16, bfloat16 or float32, each head ``[q | gate]``
+        (the q projection's output); last dim contiguous, rows may be strided.
+    k : ``[..., Hk * D]`` of q_gate's dtype and leading dims; last dim contiguous.
+    positions, q_weight, k_weight, cos_sin_cache, eps, is_neox, rotary_dim, rope_first,
+    mrope_section, mrope_interleaved : as in ``qk_norm_rope_``.
+    norm : default ``"gemma"`` (``(1 + w)``), as these models use.
+
+    Returns
+    -------
+    ``(q_out, k_out, gate_out)``: new contiguous ``[..., Hq * D]``, ``[..., Hk * D]``,
+    ``[..., Hq * D]``; ``gate_out`` is the gate copied bit for bit.
+    """
+    key = _interop.key
+    plan = _get_plan(
+        _gate_plans,
+        (key(q_gate), key(k), key(positions), key(q_weight), key(k_weight), key(cos_sin_cache),
+         num_q_heads, num_kv_heads, head_dim, type(num_q_heads), type(num_kv_heads),
+         type(head_dim),
+         *_flag_key(eps, is_neox, rotary_dim, norm, rope_first, mrope_section,
+                    mrope_interleaved)),
+        _plan_gate,
+        (q_gate, k, positions, q_weight, k_weight, cos_sin_cache, num_q_heads, num_kv_heads,
+         head_dim, eps, is_neox, rotary_dim, norm, rope_first, mrope_section, mrope_interleaved))
+    _before_launch(plan, positions, cos_sin_cache)
+    fw = plan.framework
+    q_out = _interop.empty(fw, plan.out_shapes[0], q_gate)
+    k_out = _interop.empty(fw, plan.out_shapes[1], k)
+    gate_out = _interop.empty(fw, plan.out_shapes[2], q_gate)
+    if plan.variant is not None:
+        ptr = plan.pointer
+        _launch(plan, (ptr(q_gate), ptr(k), ptr(q_out), ptr(k_out), ptr(gate_out),
+                       *_side_pointers(plan, positions, cos_sin_cache, q_weight, k_weight)))
+    elif plan.device == CPU:
+        refs = reference.qk_norm_rope_gate(
+            _interop.to_float64(q_gate), _interop.to_float64(k),
+            *_reference_inputs(positions, q_weight, k_weight, cos_sin_cache),
+            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            **_reference_kwargs(eps, is_neox, rotary_dim, norm, rope_first, mrope_section,
+                                mrope_interleaved))
+        for dst, ref in zip((q_out, k_out), refs):
+            _interop.write_from_float64(dst, ref)
+        gate_out[...] = q_gate.reshape(*q_gate.shape[:-1], num_q_heads, 2, head_dim)[
+            ..., 1, :].reshape(gate_out.shape)
+    return q_out, k_out, gate_out

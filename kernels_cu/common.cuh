@@ -125,6 +125,21 @@ __device__ __forceinline__ void store_from_float(T* ptr, const float (&in)[N]) {
   }
 }
 
+/// \brief Copies N elements of storage type T bit for bit (NaN payloads included).
+template <typename T, int N>
+__device__ __forceinline__ void copy_elements(const T* src, T* dst) {
+  if constexpr ((N * sizeof(T)) % 4 == 0) {
+    cuqk_u32 w[N * sizeof(T) / 4];
+    load_words<N * sizeof(T) / 4>(src, w);
+    store_words<N * sizeof(T) / 4>(dst, w);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      reinterpret_cast<cuqk_u16*>(dst)[i] = reinterpret_cast<const cuqk_u16*>(src)[i];
+    }
+  }
+}
+
 /// \brief Like load_as_float, with the element type chosen at run time (a DtypeCode).
 /// Used for small side inputs (weights, cos/sin rows) whose dtype is independent of the
 /// activations, so it costs a uniform branch rather than a template instance per combination.

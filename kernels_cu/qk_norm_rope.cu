@@ -14,6 +14,14 @@
 // In both rotary layouts pair i of unit k uses frequency k*VEC + i. Lane l owns units
 // l, l + LANES, ... (MAX_UNITS at most), so loads are coalesced across the lanes of a head
 // and no data is exchanged between lanes except the sum of squares.
+//
+// Gated attention. With gate_out set, each q head of q_in is followed by a gate head of the same
+// size (q_in's head stride is 2 * head_dim); the gates are extra work items after the k heads,
+// copied bit for bit to gate_out, which has q_out's strides.
+//
+// Multimodal RoPE (IS_MROPE). Each token has three positions (temporal, height, width), one per
+// row of positions (pos_stride_section apart); frequency j reads the cache row of position
+// mrope_section_of(j).
 #include "common.cuh"
 
 /// \brief Element strides of one tensor of heads (see the layout above).
@@ -24,14 +32,16 @@ struct HeadStrides {
 /// \brief Kernel arguments, passed by value as one struct. Every field is 8 bytes, so the
 /// host packs it with a flat format and no padding rules apply; the order is mirrored by
 /// POINTER_FIELDS and STATIC_FIELDS in cuqk/_jit.py (a CPU test compares them). Pointers come
-/// first so a launch rewrites only the first 64 bytes of a plan's packed struct.
+/// first so a launch rewrites only the leading bytes of a plan's packed struct. A null
+/// positions pointer means token t reads cache row t.
 struct QkNormRopeParams {
-  long long q_in, k_in, q_out, k_out, positions, cache, q_weight, k_weight;
+  long long q_in, k_in, q_out, k_out, gate_out, positions, cache, q_weight, k_weight;
   HeadStrides q_in_strides, k_in_strides, q_out_strides, k_out_strides;
-  long long pos_stride_outer, pos_stride_inner, pos_is_int64;
+  long long pos_stride_outer, pos_stride_inner, pos_stride_section, pos_is_int64;
   long long cache_row_stride, max_position, cache_dtype, weight_dtype;
   long long num_tokens, tokens_inner, num_q_heads, num_k_heads;
-  long long head_dim, rotary_dim, norm_mode, lanes_per_head;
+  long long head_dim, rotary_dim, norm_mode, lanes_per_head, rope_first;
+  long long mrope_section0, mrope_section1, mrope_section2, mrope_interleaved;
   double eps;
 };
 
@@ -55,26 +65,89 @@ __device__ __forceinline__ void unit_offsets(int k, int n_rot_units, int rotary_
   }
 }
 
+/// \brief The position row (0 temporal, 1 height, 2 width) that frequency j reads.
+__device__ __forceinline__ int mrope_section_of(int j, const QkNormRopeParams& p) {
+  if (p.mrope_interleaved) {
+    if (j % 3 == 1 && j < 3 * p.mrope_section1) return 1;
+    if (j % 3 == 2 && j < 3 * p.mrope_section2) return 2;
+    return 0;
+  }
+  return j < p.mrope_section0 ? 0 : (j < p.mrope_section0 + p.mrope_section1 ? 1 : 2);
+}
+
+/// \brief cos and sin of frequencies [freq, freq + VEC) for a token at positions pos.
+/// Positions outside [0, max_position) read row 0 and yield NaN: loud, never out of bounds.
+template <int VEC, bool IS_MROPE>
+__device__ __forceinline__ void load_cos_sin(const QkNormRopeParams& p, const long long (&pos)[3],
+                                             int freq, float (&c)[VEC], float (&s)[VEC]) {
+  const float nan = __int_as_float(0x7fc00000);
+  const void* cache = reinterpret_cast<const void*>(p.cache);
+  const int cache_dtype = static_cast<int>(p.cache_dtype);
+  const int half = static_cast<int>(p.rotary_dim) / 2;
+  if (!IS_MROPE) {
+    const bool ok = pos[0] >= 0 && pos[0] < p.max_position;
+    const long long row = (ok ? pos[0] : 0) * p.cache_row_stride;
+    load_as_float_dyn<VEC>(cache, row + freq, cache_dtype, c);
+    load_as_float_dyn<VEC>(cache, row + half + freq, cache_dtype, s);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      c[i] = ok ? c[i] : nan;
+      s[i] = ok ? s[i] : nan;
+    }
+    return;
+  }
+  // Each frequency reads its own row: element loads, which hit L1 since every head of the
+  // token reads the same rows; vector loads of all three rows cost too many registers.
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const int r = mrope_section_of(freq + i, p);
+    const long long pos_r = r == 0 ? pos[0] : (r == 1 ? pos[1] : pos[2]);
+    const bool ok = pos_r >= 0 && pos_r < p.max_position;
+    const long long row = (ok ? pos_r : 0) * p.cache_row_stride;
+    float ci[1], si[1];
+    load_as_float_dyn<1>(cache, row + freq + i, cache_dtype, ci);
+    load_as_float_dyn<1>(cache, row + half + freq + i, cache_dtype, si);
+    c[i] = ok ? ci[0] : nan;
+    s[i] = ok ? si[0] : nan;
+  }
+}
+
+/// \brief Rotates the VEC pairs of one rotary unit in place (see the pair layout above).
+template <bool IS_NEOX, int VEC>
+__device__ __forceinline__ void rotate_unit(float (&y)[2 * VEC], const float (&c)[VEC],
+                                            const float (&s)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    const int ia = IS_NEOX ? i : 2 * i;
+    const int ib = IS_NEOX ? VEC + i : 2 * i + 1;
+    const float a = y[ia], b = y[ib];
+    y[ia] = a * c[i] - b * s[i];
+    y[ib] = b * c[i] + a * s[i];
+  }
+}
+
 /// \tparam T_IN      activation storage type (float, bf16_t, f16_t)
 /// \tparam IS_NEOX   rotate (i, i + rot/2) pairs if true, (2i, 2i + 1) pairs if false
 /// \tparam VEC       elements per vector access: 16 bytes' worth, or 1 for unaligned data
 /// \tparam MAX_UNITS units per lane the register arrays hold (ceil(units per head / LANES))
-template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS>
+/// \tparam IS_MROPE  three positions per token, frequencies split between them
+template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool IS_MROPE>
 __global__ void __launch_bounds__(256) qk_norm_rope_kernel(const QkNormRopeParams p) {
   constexpr int UNIT = 2 * VEC;
   const int lanes = static_cast<int>(p.lanes_per_head);
   const int lane = threadIdx.x & (lanes - 1);
   const unsigned heads_per_block = blockDim.x / lanes;
   const unsigned num_q_heads = static_cast<unsigned>(p.num_q_heads);
-  const unsigned num_heads = num_q_heads + static_cast<unsigned>(p.num_k_heads);
+  const unsigned num_qk_heads = num_q_heads + static_cast<unsigned>(p.num_k_heads);
+  const unsigned num_heads = num_qk_heads + (p.gate_out ? num_q_heads : 0u);
   const unsigned total = static_cast<unsigned>(p.num_tokens) * num_heads;
   const int head_dim = static_cast<int>(p.head_dim);
   const int rotary_dim = static_cast<int>(p.rotary_dim);
   const int n_units = head_dim / UNIT;
   const int n_rot_units = rotary_dim / UNIT;
   const int norm_mode = static_cast<int>(p.norm_mode);
+  const bool rope_first = p.rope_first != 0;
   const float eps = static_cast<float>(p.eps);
-  const float nan = __int_as_float(0x7fc00000);
 
   // The loop condition is uniform over the block, so every lane reaches group_sum.
   for (unsigned block_item = blockIdx.x * heads_per_block; block_item < total;
@@ -83,8 +156,9 @@ __global__ void __launch_bounds__(256) qk_norm_rope_kernel(const QkNormRopeParam
     const bool active = item < total;
     const unsigned token = active ? item / num_heads : 0u;
     const unsigned head = active ? item - token * num_heads : 0u;
-    const bool is_q = head < num_q_heads;
-    const long long h = is_q ? head : head - num_q_heads;
+    const bool is_gate = head >= num_qk_heads;
+    const bool is_q = head < num_q_heads || is_gate;
+    const long long h = head < num_q_heads ? head : head - (is_gate ? num_qk_heads : num_q_heads);
 
     long long outer = token, inner = 0;
     if (p.tokens_inner != 1) {
@@ -95,15 +169,20 @@ __global__ void __launch_bounds__(256) qk_norm_rope_kernel(const QkNormRopeParam
     const HeadStrides in = is_q ? p.q_in_strides : p.k_in_strides;
     const HeadStrides out = is_q ? p.q_out_strides : p.k_out_strides;
     const T_IN* src = reinterpret_cast<const T_IN*>(is_q ? p.q_in : p.k_in) +
-                      (outer * in.outer + inner * in.inner + h * in.head);
-    T_IN* dst = reinterpret_cast<T_IN*>(is_q ? p.q_out : p.k_out) +
+                      (outer * in.outer + inner * in.inner + h * in.head) +
+                      (is_gate ? head_dim : 0);
+    T_IN* dst = reinterpret_cast<T_IN*>(is_gate ? p.gate_out : (is_q ? p.q_out : p.k_out)) +
                 (outer * out.outer + inner * out.inner + h * out.head);
 
-    long long pos = 0;
-    if (active) {
+    long long pos[3] = {token, token, token};
+    if (active && p.positions) {
       const long long pos_off = outer * p.pos_stride_outer + inner * p.pos_stride_inner;
-      pos = p.pos_is_int64 ? reinterpret_cast<const long long*>(p.positions)[pos_off]
-                           : reinterpret_cast<const int*>(p.positions)[pos_off];
+#pragma unroll
+      for (int r = 0; r < (IS_MROPE ? 3 : 1); ++r) {
+        const long long off = pos_off + r * p.pos_stride_section;
+        pos[r] = p.pos_is_int64 ? reinterpret_cast<const long long*>(p.positions)[off]
+                                : reinterpret_cast<const int*>(p.positions)[off];
+      }
     }
 
     float x[MAX_UNITS][UNIT];
@@ -113,29 +192,39 @@ __global__ void __launch_bounds__(256) qk_norm_rope_kernel(const QkNormRopeParam
       const int k = lane + u * lanes;
 #pragma unroll
       for (int i = 0; i < UNIT; ++i) x[u][i] = 0.f;
-      if (active && k < n_units) {
-        int off_a, off_b;
-        unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
-        float va[VEC], vb[VEC];
-        load_as_float<T_IN, VEC>(src + off_a, va);
-        load_as_float<T_IN, VEC>(src + off_b, vb);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          x[u][i] = va[i];
-          x[u][VEC + i] = vb[i];
-          sum_sq += va[i] * va[i] + vb[i] * vb[i];
-        }
+      if (!active || k >= n_units) continue;
+      int off_a, off_b;
+      if (is_gate) {
+        // Two VEC-wide copies: a unit is only VEC-aligned in the scalar (unaligned) variant.
+        unit_offsets<IS_NEOX, VEC>(k, 0, 0, off_a, off_b);
+        copy_elements<T_IN, VEC>(src + off_a, dst + off_a);
+        copy_elements<T_IN, VEC>(src + off_b, dst + off_b);
+        continue;
       }
+      unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
+      float va[VEC], vb[VEC];
+      load_as_float<T_IN, VEC>(src + off_a, va);
+      load_as_float<T_IN, VEC>(src + off_b, vb);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        x[u][i] = va[i];
+        x[u][VEC + i] = vb[i];
+      }
+      if (rope_first && k < n_rot_units) {
+        float c[VEC], s[VEC];
+        load_cos_sin<VEC, IS_MROPE>(p, pos, k * VEC, c, s);
+        rotate_unit<IS_NEOX, VEC>(x[u], c, s);
+      }
+#pragma unroll
+      for (int i = 0; i < UNIT; ++i) sum_sq += x[u][i] * x[u][i];
     }
 
     float scale = 1.f;
     if (norm_mode != NORM_NONE) {
       scale = rsqrtf(group_sum(sum_sq, lanes) / static_cast<float>(head_dim) + eps);
     }
+    if (is_gate) continue;
     const long long weight = is_q ? p.q_weight : p.k_weight;
-    const bool pos_ok = pos >= 0 && pos < p.max_position;
-    const long long cos_row = (pos_ok ? pos : 0) * p.cache_row_stride;
-    const int cache_dtype = static_cast<int>(p.cache_dtype);
 
 #pragma unroll
     for (int u = 0; u < MAX_UNITS; ++u) {
@@ -158,22 +247,10 @@ __global__ void __launch_bounds__(256) qk_norm_rope_kernel(const QkNormRopeParam
           y[VEC + i] *= wb[i] + shift;
         }
       }
-      if (k < n_rot_units) {
+      if (!rope_first && k < n_rot_units) {
         float c[VEC], s[VEC];
-        const void* cache = reinterpret_cast<const void*>(p.cache);
-        load_as_float_dyn<VEC>(cache, cos_row + k * VEC, cache_dtype, c);
-        load_as_float_dyn<VEC>(cache, cos_row + rotary_dim / 2 + k * VEC, cache_dtype, s);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          // Positions outside [0, max_position) read row 0 and yield NaN: loud, never OOB.
-          const float ci = pos_ok ? c[i] : nan;
-          const float si = pos_ok ? s[i] : nan;
-          const int ia = IS_NEOX ? i : 2 * i;
-          const int ib = IS_NEOX ? VEC + i : 2 * i + 1;
-          const float a = y[ia], b = y[ib];
-          y[ia] = a * ci - b * si;
-          y[ib] = b * ci + a * si;
-        }
+        load_cos_sin<VEC, IS_MROPE>(p, pos, k * VEC, c, s);
+        rotate_unit<IS_NEOX, VEC>(y, c, s);
       }
       float ya[VEC], yb[VEC];
 #pragma unroll

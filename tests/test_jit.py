@@ -14,20 +14,23 @@ def test_variant_names_and_expressions_are_unique():
     assert len({v.name for v in _jit.VARIANTS}) == len(_jit.VARIANTS)
     assert len({v.expression for v in _jit.VARIANTS}) == len(_jit.VARIANTS)
     for v in _jit.VARIANTS:
-        assert re.fullmatch(r"qk_norm_rope_kernel<\w+, (true|false), \d+, \d+>", v.expression)
+        assert re.fullmatch(r"qk_norm_rope_kernel<\w+, (true|false), \d+, \d+, (true|false)>",
+                            v.expression)
 
 
 @pytest.mark.parametrize("dtype", list(_jit.DTYPES))
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("wide", [True, False])
-def test_every_head_dim_dispatches(dtype, is_neox, wide):
+@pytest.mark.parametrize("is_mrope", [False, True])
+def test_every_head_dim_dispatches(dtype, is_neox, wide, is_mrope):
     vec = _jit.wide_vec(dtype) if wide else 1
     for head_dim in HEAD_DIMS:
         lanes, units = _jit.lanes_and_units(head_dim, vec)
         assert lanes & (lanes - 1) == 0 and lanes <= 32
         assert lanes * units * 2 * vec >= head_dim
-        variant = _jit.select_variant(dtype, is_neox, vec, units)
+        variant = _jit.select_variant(dtype, is_neox, vec, units, is_mrope)
         assert variant in _jit.VARIANTS and variant.max_units >= units
+        assert variant.is_mrope == is_mrope
 
 
 def test_unsupported_key_lists_supported_values():

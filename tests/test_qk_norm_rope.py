@@ -162,7 +162,8 @@ if HAS_GPU:
 def _ref_on_gpu(x64, positions, q_weight, k_weight, cache, **kwargs):
     """cuqk.reference evaluated by CuPy in float64 on the GPU; torch float64 in and out."""
     as_cp = (lambda t: None if t is None else cupy.from_dlpack(t.detach().double().contiguous()))
-    out = reference.qkv_norm_rope(as_cp(x64), cupy.from_dlpack(positions.contiguous()),
+    positions = None if positions is None else cupy.from_dlpack(positions.contiguous())
+    out = reference.qkv_norm_rope(as_cp(x64), positions,
                                   as_cp(q_weight), as_cp(k_weight), as_cp(cache),
                                   xp=cupy, **kwargs)
     return torch.from_dlpack(out)
@@ -209,17 +210,42 @@ def _packed_view(T, width, dtype, layout, gen):
     return buf, view
 
 
+def _positions(lead, max_pos, pos_dtype, gen, mrope=None, positions="random"):
+    """Positions for ``lead`` tokens: random, None (token t reads row t), or for mRoPE
+    ``(3, *lead)``, random per row or ("text") three equal rows."""
+    if positions == "none":
+        return None
+    shape = lead if mrope is None else (3, *lead)
+    pos = torch.randint(0, max_pos, shape, generator=gen, device="cuda",
+                        dtype=getattr(torch, pos_dtype))
+    if positions == "text":
+        pos[1:] = pos[0]
+    return pos
+
+
+def _mrope_flags(mrope, rotary):
+    """mrope = None, "sectioned" or "interleaved": Qwen2-VL-like or Qwen3-VL-like sections
+    scaled to ``rotary / 2`` frequencies."""
+    if mrope is None:
+        return {}
+    half = rotary // 2
+    s1 = s2 = (3 * half) // 8 if mrope == "sectioned" else (5 * half) // 16
+    return {"mrope_section": (half - s1 - s2, s1, s2), "mrope_interleaved": mrope == "interleaved"}
+
+
 def run_packed(dtype="bfloat16", T=7, Hq=4, Hk=2, Hv=2, D=128, rotary=None, is_neox=True,
                norm="rms", weight="act", cache_dtype="float32", pos_dtype="int64",
-               layout="contiguous", max_pos=4096, seed=0, bad_positions=False, use_cupy=False):
+               layout="contiguous", max_pos=4096, seed=0, bad_positions=False, use_cupy=False,
+               rope_first=False, mrope=None, positions="random"):
     """Run one in-place case on the GPU and check it against the float64 reference."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     rotary = rotary or D
     width = (Hq + Hk + Hv) * D
     buf, qkv = _packed_view(T, width, dtype, layout, gen)
     lead = qkv.shape[:-1]
-    positions = torch.randint(0, max_pos, lead, generator=gen, device="cuda",
-                              dtype=getattr(torch, pos_dtype))
+    if positions == "none":
+        max_pos = max(1, qkv[..., 0].numel())  # exactly one row per token
+    positions = _positions(lead, max_pos, pos_dtype, gen, mrope, positions)
     if bad_positions:
         flat = positions.view(-1)
         flat[::3] = -1
@@ -232,7 +258,8 @@ def run_packed(dtype="bfloat16", T=7, Hq=4, Hk=2, Hv=2, D=128, rotary=None, is_n
         weights = [1 + 0.5 * torch.randn(D, generator=gen, device="cuda").to(wdt)
                    for _ in range(2)]
     dims = {"num_q_heads": Hq, "num_kv_heads": Hk, "head_dim": D}
-    flags = {"eps": 1e-6, "is_neox": is_neox, "norm": norm}
+    flags = {"eps": 1e-6, "is_neox": is_neox, "norm": norm, "rope_first": rope_first,
+             **_mrope_flags(mrope, rotary)}
     ref = _ref_on_gpu(qkv, positions, *weights, cache, **dims, **flags)
     before = buf.clone()
 
@@ -551,3 +578,317 @@ def test_gpu_in_place_allocates_no_device_memory_and_stays_flat():
 def _rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
+
+
+# ===================================================== RoPE-first order, mRoPE, per-token rows
+
+
+def _grid_flags():
+    """Each new flag x dtype x style x (full, partial rotary); head_dim and T cycle through,
+    and the vectorised and scalar (misaligned) paths alternate."""
+    cases = []
+    head_dims = itertools.cycle(HEAD_DIMS)
+    token_counts = itertools.cycle((1, 33, 0, 1000, 7))
+    layouts = itertools.cycle(("contiguous", "misaligned", "strided", "3d"))
+    flags = [{"rope_first": True}, {"rope_first": True, "weight": None},
+             {"rope_first": True, "norm": "gemma"}, {"mrope": "sectioned"},
+             {"mrope": "interleaved"}, {"mrope": "interleaved", "rope_first": True},
+             {"positions": "none"}]
+    for flag, dtype, is_neox, partial in itertools.product(flags, DTYPES, (True, False),
+                                                           (False, True)):
+        D = next(head_dims)
+        cases.append({**flag, "dtype": dtype, "is_neox": is_neox, "D": D,
+                      "rotary": D // 2 if partial else D, "T": next(token_counts),
+                      "layout": next(layouts)})
+    return cases
+
+
+@requires_gpu
+@pytest.mark.parametrize("case", _grid_flags(), ids=_case_id)
+def test_gpu_flags_grid(case):
+    run_packed(**case, seed=zlib.crc32(_case_id(case).encode()))
+
+
+@requires_gpu
+@pytest.mark.parametrize("mrope", ["sectioned", "interleaved"])
+@pytest.mark.parametrize("D,rotary", [(32, 2), (80, 34), (112, 40), (512, 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_mrope_odd_rotary(mrope, D, rotary, dtype):
+    run_packed(dtype=dtype, D=D, rotary=rotary, mrope=mrope, is_neox=rotary % 4 == 0, T=19,
+               Hq=3, Hk=1, Hv=0)
+
+
+@requires_gpu
+@pytest.mark.parametrize("mrope", ["sectioned", "interleaved"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_mrope_text_rows_equal_1d_bit_for_bit(mrope, dtype):
+    """Text tokens (all three positions equal) give exactly the 1-D result."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    T, Hq, Hk, D = 300, 8, 2, 128
+    qkv = torch.randn(T, (Hq + 2 * Hk) * D, generator=gen, device="cuda").to(TORCH_DTYPES[dtype])
+    pos = torch.randint(0, 4096, (T,), generator=gen, device="cuda")
+    cache = torch.from_numpy(cos_sin_cache64(4096, D)).cuda().float()
+    dims = {"num_q_heads": Hq, "num_kv_heads": Hk, "head_dim": D}
+    one_d = cuqk.qk_norm_rope_(qkv.clone(), pos, None, None, cache, **dims)
+    three = cuqk.qk_norm_rope_(qkv.clone(), pos.expand(3, T), None, None, cache, **dims,
+                               **_mrope_flags(mrope, D))
+    torch.cuda.synchronize()
+    assert torch.equal(one_d, three)
+
+
+@requires_gpu
+def test_gpu_mrope_models():
+    """Model-shaped: Qwen2.5-VL (28/4 heads, D=128, sections 16/24/24) and Qwen3-VL
+    (32/8, D=128, interleaved 24/20/20), text rows and image rows mixed."""
+    for Hq, Hk, section, interleaved in ((28, 4, (16, 24, 24), False),
+                                         (32, 8, (24, 20, 20), True)):
+        mrope = "interleaved" if interleaved else "sectioned"
+        assert _mrope_flags(mrope, 128)["mrope_section"] == section
+        run_packed(dtype="bfloat16", T=2000, Hq=Hq, Hk=Hk, Hv=Hk, D=128, mrope=mrope)
+
+
+@requires_gpu
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_gpu_llama4_shape_rope_first_weight_free(is_neox):
+    """Llama 4: 40/8 heads, D=128, RoPE then a weight-free RMS norm."""
+    run_packed(dtype="bfloat16", T=1000, Hq=40, Hk=8, Hv=8, D=128, is_neox=is_neox,
+               rope_first=True, weight=None)
+
+
+@requires_gpu
+def test_gpu_mrope_out_of_range_position_is_nan_only_in_its_section():
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    T, D = 5, 64
+    qkv = torch.randn(T, 4 * D, generator=gen, device="cuda")
+    pos = torch.randint(0, 32, (3, T), generator=gen, device="cuda")
+    pos[2, 0] = 32  # the width row of token 0 is out of range
+    cache = torch.from_numpy(cos_sin_cache64(32, D)).cuda().float()
+    section = (8, 12, 12)
+    cuqk.qk_norm_rope_(qkv, pos, None, None, cache, num_q_heads=2, num_kv_heads=1, head_dim=D,
+                       mrope_section=section)
+    torch.cuda.synchronize()
+    nan = torch.isnan(qkv[0, :D])
+    assert nan[20:32].all() and nan[52:64].all() and not nan[:20].any()
+    assert not torch.isnan(qkv[1:]).any()
+
+
+# ============================================================================ gated attention
+
+
+def run_gate(dtype="bfloat16", T=9, Hq=4, Hk=2, D=128, rotary=None, is_neox=True, norm="gemma",
+             layout="contiguous", mrope=None, rope_first=False, seed=0, use_cupy=False):
+    """qk_norm_rope_gate against the reference; the gate must come out bit for bit."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    rotary = rotary or D
+    tdt = TORCH_DTYPES[dtype]
+    pad = 0 if layout == "contiguous" else 16
+    q_buf = torch.randn(T, Hq * 2 * D + pad, generator=gen, device="cuda").to(tdt)
+    k_buf = torch.randn(T, Hk * D + pad, generator=gen, device="cuda").to(tdt)
+    q_gate, k = q_buf[:, pad:], k_buf[:, :Hk * D]
+    # A NaN with a payload in the gate: it must be copied, not recomputed.
+    bits = torch.int32 if dtype == "float32" else torch.int16
+    if T:
+        q_gate[0, D:D + 1].view(bits).fill_(0x7fc12345 if dtype == "float32" else 0x7f85)
+    positions = _positions((T,), 4096, "int64", gen, mrope)
+    cache = torch.from_numpy(cos_sin_cache64(4096, rotary)).cuda().float()
+    qw, kw = (0.3 * torch.randn(D, generator=gen, device="cuda").to(tdt) for _ in range(2))
+    flags = {"is_neox": is_neox, "norm": norm, "rope_first": rope_first,
+             **_mrope_flags(mrope, rotary)}
+    dims = {"num_q_heads": Hq, "num_kv_heads": Hk, "head_dim": D}
+    args = (q_gate, k, positions, qw, kw, cache)
+    if use_cupy:
+        args = tuple(cupy.from_dlpack(a) for a in args)
+    outs = cuqk.qk_norm_rope_gate(*args, **dims, **flags,
+                                  rotary_dim=rotary if rotary != D else None)
+    q_out, k_out, gate_out = (torch.from_dlpack(o) for o in outs)
+    torch.cuda.synchronize()
+    for o, width in zip((q_out, k_out, gate_out), (Hq * D, Hk * D, Hq * D)):
+        assert o.shape == (T, width) and o.is_contiguous() and o.dtype == tdt
+    as_cp = (lambda t: cupy.from_dlpack(t.double().contiguous()))
+    refs = reference.qk_norm_rope_gate(
+        as_cp(q_gate), as_cp(k), None if positions is None else cupy.from_dlpack(positions),
+        as_cp(qw), as_cp(kw), as_cp(cache), **dims, **flags, xp=cupy)
+    for out, ref, name in ((q_out, refs[0], "q"), (k_out, refs[1], "k")):
+        err = _rel_l2_gpu(out, torch.from_dlpack(ref))
+        assert err <= TOLERANCES[dtype], f"{name}: relative L2 error {err:.3g}"
+    gate_in = q_gate.reshape(T, Hq, 2, D)[:, :, 1].reshape(T, Hq * D)
+    assert torch.equal(gate_out.view(bits), gate_in.view(bits)), "gate not copied bit for bit"
+
+
+def _grid_gate():
+    cases = []
+    head_dims = itertools.cycle((64, 128, 256, 80))
+    token_counts = itertools.cycle((1, 0, 77, 1000))
+    for dtype, is_neox, partial, layout in itertools.product(
+            DTYPES, (True, False), (False, True), ("contiguous", "strided")):
+        D = next(head_dims)
+        cases.append({"dtype": dtype, "is_neox": is_neox, "D": D, "layout": layout,
+                      "rotary": D // 4 if partial else D, "T": next(token_counts)})
+    return cases
+
+
+@requires_gpu
+@pytest.mark.parametrize("case", _grid_gate(), ids=_case_id)
+def test_gpu_gate_grid(case):
+    run_gate(**case, seed=zlib.crc32(_case_id(case).encode()))
+
+
+@requires_gpu
+@pytest.mark.parametrize("extra", [{"norm": "rms"}, {"norm": "none"}, {"mrope": "interleaved"},
+                                   {"rope_first": True}, {"use_cupy": True}],
+                         ids=lambda e: "-".join(f"{k}={v}" for k, v in e.items()))
+def test_gpu_gate_flags(extra):
+    if extra.get("norm") == "none":
+        pytest.skip("norm='none' takes no weights; covered by the packed grid")
+    run_gate(T=50, D=128, rotary=64, **extra)
+
+
+@requires_gpu
+@pytest.mark.parametrize("T", [1, 1000, 20000])
+def test_gpu_gate_qwen35_shape(T):
+    """Qwen3.5 / Qwen3-Next: 16 q heads with gates, 2 kv heads, D=256, rotary 64."""
+    run_gate(T=T, Hq=16, Hk=2, D=256, rotary=64)
+
+
+# ============================================================================ out= and aliasing
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_out_into_views_and_in_place(dtype):
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    T, Hq, Hk, D = 33, 4, 2, 64
+    tdt = TORCH_DTYPES[dtype]
+    qkv = torch.randn(T, (Hq + 2 * Hk) * D, generator=gen, device="cuda").to(tdt)
+    q = qkv[:, :Hq * D].view(T, Hq, D)
+    k = qkv[:, Hq * D:(Hq + Hk) * D].view(T, Hk, D)
+    pos = torch.randint(0, 100, (T,), generator=gen, device="cuda")
+    cache = torch.from_numpy(cos_sin_cache64(100, D)).cuda().float()
+    want_q, want_k = cuqk.qk_norm_rope(q, k, pos, None, None, cache)
+    # Strided views with a poisoned spare head after each row's heads.
+    out_buf = torch.full((2, T, Hq + 1, D), float("nan"), device="cuda", dtype=tdt)
+    outs = (out_buf[0, :, :Hq], out_buf[1, :, :Hk])
+    got = cuqk.qk_norm_rope(q, k, pos, None, None, cache, out=outs)
+    assert got[0] is outs[0] and got[1] is outs[1]
+    torch.cuda.synchronize()
+    assert torch.equal(outs[0], want_q) and torch.equal(outs[1], want_k)
+    assert torch.isnan(out_buf[0, :, Hq:]).all() and torch.isnan(out_buf[1, :, Hk:]).all()
+    cuqk.qk_norm_rope(q, k, pos, None, None, cache, out=(q, k))
+    torch.cuda.synchronize()
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+
+
+@requires_gpu
+def test_gpu_aliased_arguments_raise_and_write_nothing():
+    T, Hq, Hk, D = 8, 4, 2, 64
+    qkv = torch.randn(T, (Hq + 2 * Hk) * D, device="cuda")
+    before = qkv.clone()
+    pos = torch.zeros(T, dtype=torch.int64, device="cuda")
+    cache = torch.from_numpy(cos_sin_cache64(16, D)).cuda().float()
+    dims = {"num_q_heads": Hq, "num_kv_heads": Hk, "head_dim": D}
+    with pytest.raises(ValueError, match="qkv overlaps q_weight"):
+        cuqk.qk_norm_rope_(qkv, pos, qkv[0, :D], None, cache, **dims)
+    q = qkv[:, :Hq * D].view(T, Hq, D)
+    k = qkv[:, Hq * D:(Hq + Hk) * D].view(T, Hk, D)
+    with pytest.raises(ValueError, match=r"out\[0\] overlaps q"):
+        cuqk.qk_norm_rope(q, k, pos, None, None, cache, out=(qkv[:, D:(Hq + 1) * D].view(
+            T, Hq, D), torch.empty_like(k)))
+    with pytest.raises(ValueError, match=r"out\[0\] overlaps out\[1\]"):
+        shared = torch.empty(T, Hq, D, device="cuda")
+        cuqk.qk_norm_rope(q, k, pos, None, None, cache, out=(shared, shared[:, :Hk]))
+    torch.cuda.synchronize()
+    assert torch.equal(qkv, before)
+    # q and k as overlapping views of one buffer are only read: that works.
+    q_out, k_out = cuqk.qk_norm_rope(q, q[:, :Hk], pos, None, None, cache)
+    torch.cuda.synchronize()
+    assert torch.equal(q_out[:, :Hk], k_out)
+
+
+# ============================================================================ new flags on the CPU
+
+
+@pytest.mark.parametrize("flags", [{"rope_first": True}, {"positions": None},
+                                   {"mrope_section": (8, 12, 12)},
+                                   {"mrope_section": (8, 12, 12), "mrope_interleaved": True}],
+                         ids=str)
+def test_cpu_flags_match_reference(flags):
+    arrays, dims = _numpy_case(max_pos=64)
+    flags = dict(flags)
+    if "positions" in flags:
+        arrays["positions"] = flags.pop("positions")
+        arrays["cos_sin_cache"] = arrays["cos_sin_cache"][:6]
+    if "mrope_section" in flags:
+        arrays["positions"] = np.random.default_rng(1).integers(0, 64, (3, 6))
+    orig = arrays["qkv"].copy()
+    ref = reference.qkv_norm_rope(orig, *list(arrays.values())[1:], **dims, **flags)
+    out = cuqk.qk_norm_rope_(*arrays.values(), **dims, **flags)
+    assert_matches(out, ref, "float32", str(flags))
+
+
+def test_cpu_rope_first_differs_from_norm_first_with_a_weight():
+    arrays, dims = _numpy_case()
+    first = cuqk.qk_norm_rope_(arrays["qkv"].copy(), *list(arrays.values())[1:], **dims,
+                               rope_first=True)
+    second = cuqk.qk_norm_rope_(arrays["qkv"].copy(), *list(arrays.values())[1:], **dims)
+    assert not np.allclose(first, second)
+
+
+def test_cpu_gate_matches_reference_and_copies_gate():
+    rng = np.random.default_rng(3)
+    T, Hq, Hk, D = 5, 4, 2, 64
+    q_gate = rng.standard_normal((T, Hq * 2 * D)).astype(np.float32)
+    k = rng.standard_normal((T, Hk * D)).astype(np.float32)
+    pos = rng.integers(0, 50, T)
+    cache = cos_sin_cache64(50, 32).astype(np.float32)
+    w = rng.standard_normal(D).astype(np.float32)
+    dims = {"num_q_heads": Hq, "num_kv_heads": Hk, "head_dim": D}
+    outs = cuqk.qk_norm_rope_gate(q_gate, k, pos, w, w, cache, **dims)
+    refs = reference.qk_norm_rope_gate(q_gate, k, pos, w, w, cache, **dims, norm="gemma")
+    for out, ref in zip(outs, refs):
+        assert_matches(out, ref, "float32", "gate op")
+    assert np.array_equal(outs[2], q_gate.reshape(T, Hq, 2, D)[:, :, 1].reshape(T, Hq * D))
+
+
+def _bad_flag_inputs():
+    return [
+        ("mrope needs positions", {"positions": None, "mrope_section": (8, 12, 12)},
+         ValueError, "mrope_section needs positions"),
+        ("mrope positions 1-D", {"mrope_section": (8, 12, 12)}, ValueError, r"\(3, 6\)"),
+        ("mrope sum", {"mrope_section": (8, 12, 11), "positions3": True}, ValueError,
+         "sum to rotary_dim // 2 = 32"),
+        ("mrope two entries", {"mrope_section": (20, 12), "positions3": True}, ValueError,
+         "three ints"),
+        ("mrope negative", {"mrope_section": (40, -4, -4), "positions3": True}, ValueError,
+         "mrope_section entry"),
+        ("rope_first int", {"rope_first": 1}, TypeError, "rope_first"),
+        ("interleaved str", {"mrope_interleaved": "yes"}, TypeError, "mrope_interleaved"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_flag_inputs(), ids=lambda c: c[0])
+def test_cpu_bad_flags_raise_and_write_nothing(case):
+    _, flags, exc_type, words = case
+    arrays, dims = _numpy_case()
+    flags = dict(flags)
+    if flags.pop("positions3", False):
+        arrays["positions"] = np.zeros((3, 6), np.int64)
+    if "positions" in flags:
+        arrays["positions"] = flags.pop("positions")
+    before = arrays["qkv"].copy()
+    with pytest.raises(exc_type, match=words):
+        cuqk.qk_norm_rope_(*arrays.values(), **dims, **flags)
+    assert np.array_equal(arrays["qkv"], before)
+
+
+def test_cpu_gate_bad_inputs():
+    q_gate = np.zeros((3, 4 * 2 * 64), np.float32)
+    k = np.zeros((3, 2 * 64), np.float32)
+    cache = cos_sin_cache64(8, 64).astype(np.float32)
+    pos = np.zeros(3, np.int64)
+    dims = {"num_q_heads": 4, "num_kv_heads": 2, "head_dim": 64}
+    with pytest.raises(ValueError, match=r"q_gate must be \[..., num_q_heads \* 2 \* head_dim"):
+        cuqk.qk_norm_rope_gate(q_gate[:, :-64], k, pos, None, None, cache, **dims, norm="rms")
+    with pytest.raises(ValueError, match="k must have q_gate's leading dims"):
+        cuqk.qk_norm_rope_gate(q_gate, k[:2], pos, None, None, cache, **dims, norm="rms")
+    with pytest.raises(TypeError, match="k must have q_gate's dtype"):
+        cuqk.qk_norm_rope_gate(q_gate, k.astype(np.float16), pos, None, None, cache, **dims)

@@ -42,6 +42,57 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.cuqk.qk_norm_rope.default, split_args)
 
 
+def _gate_inputs(device, dtype=torch.float32, tokens=9, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    hq, hk, d = DIMS["num_q_heads"], DIMS["num_kv_heads"], DIMS["head_dim"]
+    q_gate = torch.randn(tokens, hq * 2 * d, generator=gen).to(dtype)
+    k = torch.randn(tokens, hk * d, generator=gen).to(dtype)
+    return [t.to(device) for t in (q_gate, k)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_new_flags_and_the_gate_op(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    qkv, positions, qw, kw, cache = _inputs(device, dtype)
+    q, k = _split(qkv)
+    per_token = cache[:q.shape[0]].contiguous()  # row t for token t: positions=None
+    for args in [(q, k, None, qw, kw, per_token, 1e-6, True, None, "rms", False, None, False),
+                 (q, k, positions, None, None, cache, 1e-6, False, None, "rms", True, None, False),
+                 (q, k, positions.expand(3, -1).contiguous(), qw, kw, cache, 1e-6, True, None,
+                  "gemma", False, [8, 12, 12], True)]:
+        torch.library.opcheck(torch.ops.cuqk.qk_norm_rope.default, args)
+    packed_args = (qkv, None, qw, kw, per_token, 4, 2, 64, None, 1e-6, True, None, "rms", False,
+                   [16, 8, 8], False)
+    torch.library.opcheck(torch.ops.cuqk.qk_norm_rope_.default,
+                          (packed_args[0], positions.expand(3, -1).contiguous(),
+                           *packed_args[2:]))
+    q_gate, k_flat = _gate_inputs(device, dtype)
+    gate_args = (q_gate, k_flat, positions, qw, kw, cache, 4, 2, 64, 1e-6, True, None, "gemma")
+    torch.library.opcheck(torch.ops.cuqk.qk_norm_rope_gate.default, gate_args)
+
+
+def test_wrappers_pass_every_flag_through():
+    qkv, positions, qw, kw, cache = _inputs("cpu")
+    q, k = _split(qkv)
+    sections = {"mrope_section": (8, 12, 12), "mrope_interleaved": True}
+    three = positions.expand(3, -1).contiguous()
+    flags = {"eps": 1e-5, "is_neox": False, "norm": "gemma", "rope_first": True}
+    for got, want in [
+        (cuqk_torch.qk_norm_rope(q, k, three, qw, kw, cache, **flags, **sections),
+         cuqk.qk_norm_rope(q, k, three, qw, kw, cache, **flags, **sections)),
+        (cuqk_torch.qk_norm_rope(q, k, None, qw, kw, cache[:9].contiguous(), **flags),
+         cuqk.qk_norm_rope(q, k, None, qw, kw, cache[:9].contiguous(), **flags)),
+        (cuqk_torch.qk_norm_rope_gate(*_gate_inputs("cpu"), positions, qw, kw, cache, **DIMS,
+                                      **flags),
+         cuqk.qk_norm_rope_gate(*_gate_inputs("cpu"), positions, qw, kw, cache, **DIMS, **flags)),
+        ((cuqk_torch.qk_norm_rope_(qkv.clone(), three, qw, kw, cache, **DIMS, **flags,
+                                   **sections),),
+         (cuqk.qk_norm_rope_(qkv.clone(), three, qw, kw, cache, **DIMS, **flags, **sections),)),
+    ]:
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def _model(qkv, positions, qw, kw, cache):
     # A model's prologue around the op: the op must not break the graph.
     qkv = qkv * 1.5
@@ -49,7 +100,12 @@ def _model(qkv, positions, qw, kw, cache):
     q, k = _split(qkv)
     q2, k2 = cuqk_torch.qk_norm_rope(q, k, positions, None, None, cache, is_neox=False,
                                      norm="none")
-    return qkv.sum(dim=-1), q2, k2
+    # Per-token rows (positions=None) and norm after RoPE, as the fusion pass and Llama 4 use.
+    q3, k3 = cuqk_torch.qk_norm_rope(q2, k2, None, qw, kw, cache[:q.shape[0]], rope_first=True)
+    q_gate = torch.cat([q2, q3], dim=-1).flatten(-2)
+    q4, k4, gate = cuqk_torch.qk_norm_rope_gate(q_gate, k3.flatten(-2), positions, qw, kw, cache,
+                                                **DIMS)
+    return qkv.sum(dim=-1), q2, k2, q3, k3, q4, k4, gate
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,43 @@
+"""cuqk.bench: the unfused PyTorch baselines compute the same thing as cuqk.reference (CPU), so
+the speed-ups in BENCHMARKS.md compare like with like."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_matches
+
+torch = pytest.importorskip("torch")
+bench = pytest.importorskip("cuqk.bench")
+
+from cuqk import reference  # noqa: E402
+
+
+@pytest.mark.parametrize("name", list(bench.CONFIGS))
+def test_unfused_baseline_matches_reference(name):
+    cfg = bench.CONFIGS[name]
+    gen = torch.Generator().manual_seed(0)
+    T, D = 5, cfg.head_dim
+    kwargs = bench.op_kwargs(cfg)
+    cache = torch.from_numpy(bench.cuqk.rope_cos_sin_cache(64, cfg.rotary_dim))
+    positions = torch.randint(0, 64, (3, T) if cfg.mrope_section else (T,), generator=gen)
+    weights = [1 + 0.1 * torch.randn(D, generator=gen) if cfg.weights else None for _ in "qk"]
+    flags = {k: v for k, v in kwargs.items() if k not in ("num_q_heads", "num_kv_heads")}
+    if cfg.gate:
+        q_gate = torch.randn(T, 2 * cfg.num_q_heads * D, generator=gen)
+        k = torch.randn(T, cfg.num_kv_heads * D, generator=gen)
+        got = bench.reference_qk_norm_rope_gate(q_gate, k, positions, *weights, cache, **kwargs)
+        want = reference.qk_norm_rope_gate(q_gate.numpy(), k.numpy(), positions.numpy(),
+                                           *(None if w is None else w.numpy() for w in weights),
+                                           cache.numpy(), num_q_heads=cfg.num_q_heads,
+                                           num_kv_heads=cfg.num_kv_heads, **flags)
+    else:
+        width = (cfg.num_q_heads + cfg.num_kv_heads + cfg.num_v_heads) * D
+        qkv = torch.randn(T, width, generator=gen)
+        want = [reference.qkv_norm_rope(qkv.numpy(), positions.numpy(),
+                                        *(None if w is None else w.numpy() for w in weights),
+                                        cache.numpy(), num_q_heads=cfg.num_q_heads,
+                                        num_kv_heads=cfg.num_kv_heads, **flags)]
+        got = [bench.reference_qk_norm_rope_(qkv, positions, *weights, cache, **kwargs)]
+    for g, w in zip(got, want):
+        assert_matches(g.double().numpy(), np.asarray(w), "float32", name)
