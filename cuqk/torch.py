@@ -134,22 +134,28 @@ def qk_norm_rope_gate(q_gate, k, positions, q_weight, k_weight, cos_sin_cache, *
 
 def enable_fusion():
     """Fuse per-head RMSNorm + RoPE into ``torch.ops.cuqk.qk_norm_rope`` in every graph that
-    ``torch.compile`` (Inductor) compiles from now on; see ``cuqk._fusion``."""
+    ``torch.compile`` (Inductor) compiles from now on, and start a new :func:`fusion_report`.
+
+    Installs a pass as ``torch._inductor.config.post_grad_custom_pre_pass`` (a pass already
+    there keeps running, first). For inference: a graph that saves the norm for a backward is
+    left as it is (and reported). How sites are recognised: ``cuqk._fusion``.
+    """
     from . import _fusion
 
     _fusion.enable()
 
 
 def disable_fusion():
-    """Stop fusing in graphs compiled from now on (graphs already compiled keep their fusion)."""
+    """Stop fusing in graphs compiled from now on (graphs already compiled keep their fusion;
+    ``torch._dynamo.reset()`` drops them)."""
     from . import _fusion
 
     _fusion.disable()
 
 
 def fusion_report():
-    """What the fusion pass did since :func:`enable_fusion` (or ``clear=True``): a
-    ``cuqk._fusion.FusionReport`` listing each site fused and each candidate left, with why."""
+    """What the fusion pass did since :func:`enable_fusion`: a ``cuqk._fusion.FusionReport``
+    with each site fused and each candidate left with the reason; ``print`` it for a summary."""
     from . import _fusion
 
     return _fusion.report()

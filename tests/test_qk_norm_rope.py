@@ -892,3 +892,27 @@ def test_cpu_gate_bad_inputs():
         cuqk.qk_norm_rope_gate(q_gate, k[:2], pos, None, None, cache, **dims, norm="rms")
     with pytest.raises(TypeError, match="k must have q_gate's dtype"):
         cuqk.qk_norm_rope_gate(q_gate, k.astype(np.float16), pos, None, None, cache, **dims)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_nan_inf_and_zero_heads_follow_the_reference(dtype):
+    """A NaN or Inf element poisons its own head as in the reference; an all-zero head gives
+    zeros; nothing else is affected."""
+    T, Hq, Hk, D = 6, 4, 2, 128
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    qkv = torch.randn(T, (Hq + 2 * Hk) * D, generator=gen, device="cuda").to(TORCH_DTYPES[dtype])
+    qkv[0, 5] = float("nan")
+    qkv[1, D + 7] = float("inf")
+    qkv[2, 2 * D:3 * D] = 0
+    qkv[3, Hq * D + 1] = -float("inf")
+    positions = torch.randint(0, 64, (T,), generator=gen, device="cuda")
+    cache = torch.from_numpy(cos_sin_cache64(64, D)).cuda().float()
+    dims = {"num_q_heads": Hq, "num_kv_heads": Hk, "head_dim": D}
+    ref = _ref_on_gpu(qkv, positions, None, None, cache, **dims)
+    cuqk.qk_norm_rope_(qkv, positions, None, None, cache, **dims)
+    torch.cuda.synchronize()
+    k_end = (Hq + Hk) * D
+    assert _rel_l2_gpu(qkv[:, :k_end], ref[:, :k_end]) <= TOLERANCES[dtype]
+    assert torch.isnan(qkv[0, :D]).all() and not torch.isnan(qkv[0, D:k_end]).any()
+    assert torch.equal(qkv[2, 2 * D:3 * D].float(), torch.zeros(D, device="cuda"))
