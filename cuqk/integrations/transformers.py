@@ -165,18 +165,24 @@ def _attend(module, eager, query, key, value, attention_mask, past_key_values, i
     return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
 
 
+def _project_qkv(module, hidden_states):
+    """The q, k, v projections as the original forwards compute them: q and k stay
+    ``[B, S, heads, head_dim]`` (contiguous rows) for cuqk and are transposed to transformers'
+    ``[B, heads, S, head_dim]`` after it, as the originals do after RoPE; v is transposed now."""
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, module.head_dim)
+    query = module.q_proj(hidden_states).view(hidden_shape)
+    key = module.k_proj(hidden_states).view(hidden_shape)
+    value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    return input_shape, query, key, value
+
+
 def _qk_norm_forward(prologue: _Prologue, eager: Callable):
     """Qwen3 / Qwen3-MoE / Gemma 3: weighted norm, then NeoX RoPE, with a sliding window."""
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None,
                 past_key_values=None, **kwargs):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        # q and k stay [B, S, heads, head_dim] (contiguous rows) for cuqk and are transposed
-        # to transformers' [B, heads, S, head_dim] after it, as the original does after RoPE.
-        query = self.q_proj(hidden_states).view(hidden_shape)
-        key = self.k_proj(hidden_states).view(hidden_shape)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        input_shape, query, key, value = _project_qkv(self, hidden_states)
 
         positions, cache = _per_token(_rotate_half_cache(position_embeddings), input_shape)
         query, key = cuqk_torch.qk_norm_rope(
@@ -197,11 +203,7 @@ def _llama4_forward(prologue: _Prologue, eager: Callable):
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None,
                 past_key_values=None, **kwargs):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape)
-        key = self.k_proj(hidden_states).view(hidden_shape)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        input_shape, query, key, value = _project_qkv(self, hidden_states)
 
         positions, cache = _per_token(
             _complex_cache(position_embeddings.to(query.device)), input_shape
