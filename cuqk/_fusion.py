@@ -18,7 +18,12 @@ How a site is found (``cuqk._fusion_match``):
    multiplies by such tensors are followed; the first value whose elements are
    ``y[a]*c - y[b]*s`` and ``y[b]*c + y[a]*s`` over pairs ``(i, i + r/2)`` (NeoX) or
    ``(2i, 2i + 1)`` (GPT-J), and ``y[i]`` past ``r``, is the RoPE output. So the spelling
-   (rotate_half, chunk, strided slices, stack) does not matter, only the arithmetic.
+   (rotate_half, chunk, strided slices, stack) does not matter, only the arithmetic. A complex
+   product ``view_as_complex(y) * (c + i s)`` is followed as the GPT-J pairs it is.
+2b. RoPE first (Llama 4): a norm with no RoPE after it is checked the other way round: the
+   near ancestors of its input with the same last dim are evaluated forward, farthest first;
+   one whose evaluation reaches the norm input as its RoPE is the fused call's input, with
+   ``rope_first=True``, and the norm output is what the call replaces.
 3. Layout: the dims cos/sin run along are tokens; of the others, the one next to head_dim in
    memory is heads (so q normalised as ``[B, S, H, D]`` or as ``[B, H, S, D]`` both work).
 4. cos/sin: a gather ``cache[positions]`` whose halves are exactly the c and s columns is passed
@@ -44,6 +49,7 @@ from ._fusion_match import (
     CAST,
     GATHERS,
     NoMatch,
+    find_rope_first_site,
     find_site,
     is_call,
     match_norm,
@@ -75,12 +81,15 @@ class FusedSite:
     norm: str
     eps: float
     cos_sin: str
+    rope_first: bool = False
 
     def __str__(self):
         style = "NeoX" if self.is_neox else "GPT-J"
+        order = "RoPE then norm" if self.rope_first else "norm then RoPE"
         return (f"[{self.graph}] {self.q} + {self.k}: tokens {list(self.tokens)}, "
-                f"{self.num_q_heads}/{self.num_kv_heads} heads x {self.head_dim}, {style} "
-                f"rotary {self.rotary_dim}, norm={self.norm} eps={self.eps:g}, {self.cos_sin}")
+                f"{self.num_q_heads}/{self.num_kv_heads} heads x {self.head_dim}, {order}, "
+                f"{style} rotary {self.rotary_dim}, norm={self.norm} eps={self.eps:g}, "
+                f"{self.cos_sin}")
 
 
 @dataclass(frozen=True)
@@ -210,7 +219,8 @@ def fuse(graph: torch.fx.Graph) -> int:
         where = origin(node)
         try:
             norm = match_norm(node)
-            site = None if norm is None else find_site(norm, where)
+            site = None if norm is None else (find_site(norm, where)
+                                              or find_rope_first_site(norm, where))
         except NoMatch as exc:
             _rejected.append(Rejected(name, where, str(exc)))
             continue
@@ -297,7 +307,7 @@ def _emit(graph, q, k):
     positions, cache, cos_sin = _cos_sin_cache(call, q)
     fused = call(torch.ops.cuqk.qk_norm_rope.default, _heads_last(call, q), _heads_last(call, k),
                  positions, q.norm.weight, k.norm.weight, cache, q.norm.eps, q.rope.is_neox,
-                 q.rope.rotary_dim, q.norm.kind)
+                 q.rope.rotary_dim, q.norm.kind, q.rope_first)
     for index, site in enumerate((q, k)):
         site.out.replace_all_uses_with(_relayout(call, call(operator.getitem, fused, index),
                                                  site))
@@ -337,7 +347,7 @@ def _cos_sin_cache(call, site):
     halves = []
     for columns in (rope.cos, rope.sin):
         start, step = progression([c for _, c in columns])
-        halves.append(call(aten.slice.Tensor, columns[0][0], -1, start,
+        halves.append(call(aten.slice.Tensor, _real_columns(call, columns[0][0]), -1, start,
                            start + step * (half - 1) + 1, step))
     cache = call(aten.cat.default, halves, -1)
     # Keep the source dims that meet the tokens (the others are unit), in token order.
@@ -360,6 +370,16 @@ def _cos_sin_cache(call, site):
     if rope.copies:
         cos_sin += "; first copy of each frequency, as transformers lays them out"
     return None, call(aten.reshape.default, cache, [-1, rope.rotary_dim]), cos_sin + ")"
+
+
+def _real_columns(call, source):
+    """``source``, or for a complex ``cos + i sin`` (Llama 4's freqs_cis) ``[real | imag]``,
+    whose columns the matcher numbered."""
+    if not meta_val(source).is_complex():
+        return source
+    parts = call(aten.view_as_real.default, source)
+    return call(aten.cat.default, [call(aten.select.int, parts, -1, 0),
+                                   call(aten.select.int, parts, -1, 1)], -1)
 
 
 def _gather_args(node):
@@ -403,4 +423,5 @@ def _describe(name, q, k, cos_sin):
     x = meta_shape(q.norm.x)
     return FusedSite(name, q.where, k.where, tuple(str(x[d]) for d in q.tokens),
                      static(x[q.heads]), static(meta_shape(k.norm.x)[k.heads]), x[-1],
-                     q.rope.rotary_dim, q.rope.is_neox, q.norm.kind, q.norm.eps, cos_sin)
+                     q.rope.rotary_dim, q.rope.is_neox, q.norm.kind, q.norm.eps, cos_sin,
+                     q.rope_first)

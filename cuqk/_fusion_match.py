@@ -27,6 +27,11 @@ _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
 _PERMUTES = {aten.permute.default, aten.transpose.int}
 _CACHE_DTYPES = tuple(getattr(torch, name) for name in ACTIVATION_DTYPES)
 _ROPE_SEARCH_LIMIT = 256  # nodes evaluated after one norm; a RoPE takes about 15
+# RoPE before the norm: ancestors of the norm input searched for the RoPE input (Llama 4's is 6
+# nodes up), how many of them (with the norm's last dim) are tried, and nodes evaluated for each.
+_ROPE_FIRST_ANCESTORS = 32
+_ROPE_FIRST_CANDIDATES = 6
+_ROPE_FIRST_LIMIT = 64
 
 
 def meta_val(node):
@@ -199,6 +204,8 @@ class _Value(NamedTuple):
     lead: tuple
     folded: tuple
     feat: np.ndarray
+    # view_as_complex of a value: the last feat axis (2) holds each element's (real, imag)
+    is_complex: bool = False
 
 
 class _Side(NamedTuple):
@@ -253,12 +260,12 @@ class _Trace:
         # split, cat, neg) and multiplied by another tensor; a gate or a projection is not.
         self.saw_side = self.saw_move = False
 
-    def run(self):
+    def run(self, limit=_ROPE_SEARCH_LIMIT):
         """Evaluate forward from ``y`` in graph order; return the first RoPE-shaped node."""
         order = {n: i for i, n in enumerate(self.norm.y.graph.nodes)}
         frontier = sorted(self.norm.y.users, key=order.__getitem__)
         seen = set(frontier)
-        while frontier and len(self.values) < _ROPE_SEARCH_LIMIT:
+        while frontier and len(self.values) < limit:
             node = frontier.pop(0)
             try:
                 value = self.step(node)
@@ -294,6 +301,14 @@ class _Trace:
         v = self.value(args[0])
         if not isinstance(v, _Value):
             return None
+        if target is aten.view_as_complex.default:
+            if v.is_complex or v.folded or v.feat.ndim < 2 or v.feat.shape[-1] != 2:
+                return None
+            self.saw_move = True
+            return v._replace(is_complex=True)
+        if v.is_complex:
+            # Only the complex product by cos + i sin and the way back are followed.
+            return v._replace(is_complex=False) if target is aten.view_as_real.default else None
         if target in _IDENTITIES:
             return v
         if target in _VIEWS:
@@ -333,7 +348,8 @@ class _Trace:
         target, args = node.target, node.args
         if target is aten.cat.default:
             parts = [self.value(a) for a in args[0]]
-            if any(p is None or p.folded or p.lead != parts[0].lead for p in parts):
+            if any(p is None or p.folded or p.is_complex or p.lead != parts[0].lead
+                   for p in parts):
                 return None
             ndim = len(parts[0].lead) + parts[0].feat.ndim
             axis = _dim(args[1] if len(args) > 1 else 0, ndim) - len(parts[0].lead)
@@ -348,8 +364,9 @@ class _Trace:
             v, other = (a, args[1]) if a is not None else (b, args[0])
             if isinstance(other, (int, float)):
                 return {1: v, -1: v._replace(feat=_negate(v.feat))}.get(other)
-            return self.multiply(v, other)
-        if (a is None or b is None or a.lead != b.lead or a.folded or b.folded
+            return self.multiply_complex(v, other) if v.is_complex else self.multiply(v, other)
+        if (a is None or b is None or a.is_complex or b.is_complex or a.lead != b.lead
+                or a.folded or b.folded
                 or a.feat.shape != b.feat.shape or node.kwargs.get("alpha", 1) != 1):
             return None
         feat_b = _negate(b.feat) if target is aten.sub.Tensor else b.feat
@@ -357,13 +374,42 @@ class _Trace:
 
     def multiply(self, v, node):
         """``v * node`` where ``node`` is not computed from ``y`` (cos or sin)."""
+        found = self._columns(v, node, v.feat.shape)
+        if found is None or meta_val(found[1].source).is_complex():
+            return None
+        feat = _terms_map(_times, v.feat, found[0])
+        return None if any(t is None for t in feat.flat) else v._replace(feat=feat)
+
+    def multiply_complex(self, v, node):
+        """Complex ``v * node``, ``node`` a complex ``cos + i sin`` not computed from ``y``
+        (Llama 4's ``freqs_cis``). Column j of ``node`` is read as cos column j and sin column
+        ``width + j``: the columns of ``[real | imag]``, which is what the fused call gets."""
+        found = self._columns(v, node, v.feat.shape[:-1])
+        if found is None or not meta_val(found[1].source).is_complex():
+            return None
+        cos, side = found
+        width = meta_shape(side.source)[-1]
+        sin = _terms_map(lambda column: (column[0], column[1] + width), cos)
+        re, im = v.feat[..., 0], v.feat[..., 1]
+        products = [_terms_map(_times, re, cos), _terms_map(_times, _negate(im), sin),
+                    _terms_map(_times, re, sin), _terms_map(_times, im, cos)]
+        if any(t is None for part in products for t in part.flat):
+            return None
+        new_re = _terms_map(operator.add, products[0], products[1])
+        new_im = _terms_map(operator.add, products[2], products[3])
+        return v._replace(feat=np.stack([new_re, new_im], axis=-1))
+
+    def _columns(self, v, node, feat_shape):
+        """``(columns, side)``: the ``(source, column)`` that multiplies each feature element
+        and the multiplier's _Side, or None; records which leading dims of ``y`` it runs
+        along."""
         self.saw_side = True
         side = self.side(node)
-        if (side is None or v.folded or side.feat.ndim != v.feat.ndim
+        if (side is None or v.folded or side.feat.ndim != len(feat_shape)
                 or len(side.lead) > len(v.lead)):
             return None
         try:
-            columns = np.broadcast_to(side.feat, v.feat.shape)
+            columns = np.broadcast_to(side.feat, feat_shape)
         except ValueError:
             return None
         offset = len(v.lead) - len(side.lead)
@@ -376,14 +422,7 @@ class _Trace:
                 return None
             if links.setdefault(source_dim, ids[0]) != ids[0]:
                 raise NoMatch(f"cos/sin ({side.source.name}) meet the tokens in two layouts")
-
-        def times(terms, column):
-            if any(c is not None for _, _, c in terms):
-                return None
-            return tuple((s, i, column) for s, i, _ in terms)
-
-        feat = _terms_map(times, v.feat, columns)
-        return None if any(t is None for t in feat.flat) else v._replace(feat=feat)
+        return columns, side
 
     def side(self, node):
         """The _Side of a multiplier, followed back through layout ops to a source tensor."""
@@ -408,6 +447,13 @@ class _Trace:
             raise NoMatch(f"{side.source.name}, computed from the normed heads, multiplies them")
         self.side_nodes.update(chain)
         return side
+
+
+def _times(terms, column):
+    """Terms of ``y`` times one side column; None if a term was multiplied already."""
+    if terms is None or any(c is not None for _, _, c in terms):
+        return None
+    return tuple((s, i, column) for s, i, _ in terms)
 
 
 _SIDE_OPS = {aten.unsqueeze.default, aten.expand.default, aten.slice.Tensor, *_PERMUTES,
@@ -552,8 +598,8 @@ def _rope_pairs(feat, pairs):
 
 
 class Site(NamedTuple):
-    norm: _Norm
-    out: torch.fx.Node  # the RoPE output the fused op replaces
+    norm: _Norm  # with rope_first, x is the input of the RoPE, not of the norm
+    out: torch.fx.Node  # the node the fused op replaces: the RoPE output, or the norm's
     out_lead: tuple  # its leading dims, as _Value.lead
     rope: _Rope
     region: tuple  # nodes the fused op makes dead, in graph order
@@ -562,6 +608,7 @@ class Site(NamedTuple):
     heads: int  # the dim of x that is heads
     links: dict  # cos/sin source -> {its dim: the position in ``tokens`` it runs along}
     where: str
+    rope_first: bool = False
 
     def key(self):
         """Sites with equal keys can share one call."""
@@ -571,7 +618,7 @@ class Site(NamedTuple):
         weight = None if norm.weight is None else meta_val(norm.weight).dtype
         return (tuple(str(x.shape[d]) for d in self.tokens), x.shape[-1], x.dtype, x.device,
                 self.rope.rotary_dim, self.rope.is_neox, columns, links, norm.eps, norm.kind,
-                weight)
+                weight, self.rope_first)
 
 
 def find_site(norm, where):
@@ -591,6 +638,64 @@ def find_site(norm, where):
             return None
         raise NoMatch(f"no RoPE recognised after the norm (first op not followed: "
                       f"{trace.first_stop})")
+    return _site(norm, trace, out, out, lambda: _region(trace, out, norm), where, False)
+
+
+def find_rope_first_site(norm, where):
+    """The fusable Site of a RoPE whose output is ``norm``'s input (Llama 4: RoPE, then a
+    weight-free norm); None if the norm input is not a RoPE output; NoMatch why not.
+
+    The RoPE input is searched among the near ancestors of the norm input that have its
+    head_dim, farthest first (the projection's view, not a step inside the RoPE): the first
+    whose symbolic evaluation reaches the norm input as a RoPE of it.
+    """
+    head_dim = meta_shape(norm.x)[-1]
+    order = {n: i for i, n in enumerate(norm.x.graph.nodes)}
+    seen, todo, candidates = {norm.x}, [norm.x], []
+    while todo and len(seen) < _ROPE_FIRST_ANCESTORS:
+        node = todo.pop(0)
+        for arg in sorted(node.all_input_nodes, key=order.__getitem__, reverse=True):
+            if arg in seen:
+                continue
+            seen.add(arg)
+            todo.append(arg)
+            value = arg.meta.get("val")
+            if (isinstance(value, torch.Tensor) and value.dim() >= 2 and not value.is_complex()
+                    and _same(value.shape[-1], head_dim)):
+                candidates.append(arg)
+    for start in candidates[::-1][:_ROPE_FIRST_CANDIDATES]:
+        start_norm = _Norm(start, start, (), norm.eps, None, (), norm.kind)
+        trace = _Trace(start_norm)
+        if trace.run(_ROPE_FIRST_LIMIT) is norm.x:
+            # The heads as projected, before the float32 cast RoPE is often computed in.
+            site_norm = norm._replace(x=_strip_casts(start))
+            return _site(site_norm, trace, norm.y, norm.x,
+                         lambda: _rope_first_region(trace, norm, start_norm), where, True)
+    return None
+
+
+def _rope_first_region(trace, norm, start_norm):
+    """The RoPE's nodes and the norm's; each must feed only the others (or be the norm
+    output)."""
+    region = set(_region(trace, norm.x, start_norm)) | set(norm.nodes)
+    cast = norm.nodes[0] if norm.nodes else None
+    while is_call(cast, {CAST}) and cast is not norm.x:  # casts from x to the norm's float32
+        region.add(cast)
+        cast = cast.args[0]
+    order = {n: i for i, n in enumerate(norm.y.graph.nodes)}
+    for node in sorted(region, key=order.__getitem__):
+        outside = [u for u in node.users if u not in region]
+        if node is not norm.y and outside:
+            raise NoMatch(f"{node.name} between the RoPE and the norm is also used by "
+                          f"{outside[0].name} ({outside[0].target})")
+    return tuple(sorted(region, key=order.__getitem__))
+
+
+def _site(norm, trace, out, rope_out, region, where, rope_first):
+    """The Site once a RoPE is found: ``rope_out`` is the node whose value is the RoPE, ``out``
+    the node the fused op replaces (the same unless the norm follows the RoPE); ``region()``
+    the nodes it makes dead, computed once the cheaper checks pass."""
+    x = meta_val(norm.x)
     if not isinstance(norm.eps, float):
         raise NoMatch(f"eps is a graph input ({norm.eps.name}), not a constant: "
                       "torch.compile(dynamic=True) does that to float constants; compile with "
@@ -605,14 +710,15 @@ def find_site(norm, where):
     if norm.weight is not None and meta_val(norm.weight).dtype not in (x.dtype, torch.float32):
         raise NoMatch(f"norm weight dtype {meta_val(norm.weight).dtype} is neither {x.dtype} nor "
                       "float32")
-    rope = _rope_form(trace.values[out], trace)
+    rope = _rope_form(trace.values[rope_out], trace)
     links = {s: trace.links.get(s, {}) for s in (rope.cos[0][0], rope.sin[0][0])}
     _check_cos_sin(rope, links)
     heads = _heads_dim(x, {d for dims in links.values() for d in dims.values()})
     tokens = tuple(d for d in range(x.dim() - 1) if d != heads)
     links = {s: {sd: tokens.index(d) for sd, d in dims.items()} for s, dims in links.items()}
-    return Site(norm, out, trace.values[out].lead, rope, _region(trace, out, norm),
-                tuple(trace.side_nodes) + norm.weight_nodes, tokens, heads, links, where)
+    return Site(norm, out, trace.values[rope_out].lead, rope, region(),
+                tuple(trace.side_nodes) + norm.weight_nodes, tokens, heads, links, where,
+                rope_first)
 
 
 def _heads_dim(x, linked):
@@ -640,13 +746,19 @@ def _check_cos_sin(rope, links):
         if unlinked:
             raise NoMatch(f"dims {unlinked} of {what} ({source.name}) match no token dim")
     cos, sin = sources
-    cos_dtype, sin_dtype = meta_val(cos).dtype, meta_val(sin).dtype
+    cos_dtype, sin_dtype = (real_dtype(meta_val(n).dtype) for n in (cos, sin))
     if cos_dtype not in _CACHE_DTYPES or cos_dtype != sin_dtype:
         raise NoMatch(f"cos/sin dtypes {cos_dtype}, {sin_dtype} unsupported (cuqk takes one of "
                       f"{', '.join(ACTIVATION_DTYPES)} for both)")
     if cos is not sin and (links[cos] != links[sin]
                            or meta_shape(cos)[:-1] != meta_shape(sin)[:-1]):
         raise NoMatch(f"cos ({cos.name}) and sin ({sin.name}) are laid out differently")
+
+
+def real_dtype(dtype):
+    """The dtype of the real and imaginary parts of a complex dtype; others unchanged."""
+    return {torch.complex32: torch.float16, torch.complex64: torch.float32,
+            torch.complex128: torch.float64}.get(dtype, dtype)
 
 
 def progression(columns):

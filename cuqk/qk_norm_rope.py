@@ -29,13 +29,13 @@ class _Plan(NamedTuple):
     framework: str
     device: int
     variant: _jit.Variant | None  # None: nothing to launch (CPU, or zero tokens)
-    blocks: int
+    blocks: int  # one thread per lane of every head; launches cap it at the resident grid
     statics: bytes
     k_offset: int  # bytes from the packed qkv pointer to the first k head
     out_shapes: tuple  # out-of-place: shapes of q_out, k_out
     pointer: object  # the framework's array -> data pointer function
     stream: object  # the framework's device -> current raw stream function
-    function: list  # [CUfunction handle], filled at the first launch
+    function: list  # [CUfunction handle, grid size], filled at the first launch
     grad_inputs: tuple  # names of torch inputs that require grad
     # Aliasing: (pointer index, first byte, end byte) of each array the kernel writes and of
     # each it reads, relative to its pointer; a call whose live pointers make a written range
@@ -594,8 +594,9 @@ def _launch(plan, pointers):
     device = plan.device
     stream = plan.stream(device)
     if not plan.function:
-        plan.function.append(_jit.get_function(plan.variant, device, stream))
-    _jit.launch(plan.function[0], plan.blocks, stream, device, pointers, plan.statics)
+        func = _jit.get_function(plan.variant, device, stream)
+        plan.function.extend((func, min(plan.blocks, _jit.resident_blocks(plan.variant, device))))
+    _jit.launch(plan.function[0], plan.function[1], stream, device, pointers, plan.statics)
 
 
 def _side_pointers(plan, positions, cache, q_weight, k_weight):

@@ -126,13 +126,18 @@ __device__ __forceinline__ void rotate_unit(float (&y)[2 * VEC], const float (&c
   }
 }
 
+/// \brief The whole op for the heads this thread's group owns (the kernels below).
 /// \tparam T_IN      activation storage type (float, bf16_t, f16_t)
 /// \tparam IS_NEOX   rotate (i, i + rot/2) pairs if true, (2i, 2i + 1) pairs if false
 /// \tparam VEC       elements per vector access: 16 bytes' worth, or 1 for unaligned data
 /// \tparam MAX_UNITS units per lane the register arrays hold (ceil(units per head / LANES))
 /// \tparam IS_MROPE  three positions per token, frequencies split between them
+///
+/// The host launches at most as many blocks as are resident at once, and each group strides
+/// over the heads: no block slot waits for the slowest warp of a finished block before the
+/// next block starts.
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool IS_MROPE>
-__global__ void __launch_bounds__(256) qk_norm_rope_kernel(const QkNormRopeParams p) {
+__device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   constexpr int UNIT = 2 * VEC;
   const int lanes = static_cast<int>(p.lanes_per_head);
   const int lane = threadIdx.x & (lanes - 1);
@@ -262,4 +267,18 @@ __global__ void __launch_bounds__(256) qk_norm_rope_kernel(const QkNormRopeParam
       store_from_float<T_IN, VEC>(dst + off_b, yb);
     }
   }
+}
+
+/// \brief 1-D RoPE. The default register allocation (57 registers for 16-bit data) fits 4 blocks
+/// of 256 threads per SM; bounding it only moved spills around.
+template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS>
+__global__ void __launch_bounds__(256) qk_norm_rope_kernel(const QkNormRopeParams p) {
+  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, false>(p);
+}
+
+/// \brief Multimodal RoPE. Left alone, the per-frequency row lookups take 86 registers, which
+/// fits only 2 blocks per SM; bounded to 3 blocks (at most 80 registers) it spills a few bytes.
+template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS>
+__global__ void __launch_bounds__(256, 3) qk_norm_mrope_kernel(const QkNormRopeParams p) {
+  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true>(p);
 }

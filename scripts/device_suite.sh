@@ -26,16 +26,18 @@ if [[ $what == all || $what == tests ]]; then
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/env.txt"
   python3 -m cuqk info 2>&1 | tee -a "$OUT/env.txt" || true
   python3 -m cuqk precompile 2>&1 | tee "$OUT/precompile.txt"
-  # Three pytest processes side by side (the GPU is mostly idle in these small cases): the
-  # kernel grids, the model-level tests, and every other file.
+  # Four pytest processes side by side (the GPU is mostly idle in these small cases): the
+  # kernel grids, the model integrations, the fusion pass (Inductor compiles), and every
+  # other file.
   kernels=(tests/test_qk_norm_rope.py tests/test_fuzz.py)
-  models=(tests/test_integrations_transformers.py tests/test_fusion.py)
+  models=(tests/test_integrations_transformers.py)
+  fusion=(tests/test_fusion.py)
   others=()
   for f in tests/test_*.py; do
-    [[ " ${kernels[*]} ${models[*]} " == *" $f "* ]] || others+=("$f")
+    [[ " ${kernels[*]} ${models[*]} ${fusion[*]} " == *" $f "* ]] || others+=("$f")
   done
   pids=()
-  for group in kernels models others; do
+  for group in kernels models fusion others; do
     declare -n files=$group
     python3 -m pytest -q -rfE --durations=8 "${files[@]}" > "$OUT/pytest_$group.log" 2>&1 &
     pids+=($!)

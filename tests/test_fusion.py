@@ -85,8 +85,14 @@ def norm_gemma(x, w, eps):
     return (xf * (1.0 + w.float())).type_as(x)
 
 
+def norm_weightless(x, w, eps):
+    # Llama 4's L2Norm: no weight (w is ignored).
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 NORMS = {"plain": (norm_plain, "rms"), "functional": (norm_functional, "rms"),
-         "gemma": (norm_gemma, "gemma")}
+         "gemma": (norm_gemma, "gemma"), "weightless": (norm_weightless, "rms")}
 
 
 def rotate_half(x):
@@ -109,13 +115,15 @@ def hf_cos_sin(positions, rotary_dim, is_neox, dtype):
 
 class HFAttentionPrologue(torch.nn.Module):
     """q/k projections [B, S, H*D] -> per-head norm -> [B, H, S, D] -> RoPE with per-token
-    cos/sin [B, S, r] (transformers' apply_rotary_pos_emb, partial rotary as in GLM/Phi)."""
+    cos/sin [B, S, r] (transformers' apply_rotary_pos_emb, partial rotary as in GLM/Phi); with
+    rope_first, RoPE -> norm."""
 
     def __init__(self, norm="plain", is_neox=True, rotary_dim=64, head_dim=64, heads=(4, 2),
-                 dtype=torch.float32):
+                 dtype=torch.float32, rope_first=False):
         super().__init__()
         self.norm, self.kind = NORMS[norm]
         self.is_neox, self.rotary_dim, self.head_dim = is_neox, rotary_dim, head_dim
+        self.rope_first = rope_first
         gen = torch.Generator().manual_seed(0)
         self.q_weight, self.k_weight = (
             torch.nn.Parameter((1 + 0.3 * torch.randn(head_dim, generator=gen)).to(dtype),
@@ -128,6 +136,10 @@ class HFAttentionPrologue(torch.nn.Module):
 
     def forward(self, q, k, cos, sin):
         shape = (*q.shape[:-1], -1, self.head_dim)
+        if self.rope_first:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q, k = (self.rope(x.view(shape).transpose(1, 2), cos, sin) for x in (q, k))
+            return self.norm(q, self.q_weight, EPS), self.norm(k, self.k_weight, EPS)
         q = self.norm(q.view(shape), self.q_weight, EPS).transpose(1, 2)
         k = self.norm(k.view(shape), self.k_weight, EPS).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -227,6 +239,24 @@ def test_hf_style_fuses_one_site_and_matches_eager(fusion, case):
     assert site.eps == pytest.approx(EPS)  # F.rms_norm rounds eps to float32
     assert "per-token cos/sin" in site.cos_sin and "transformers" in site.cos_sin
     assert fusion == [(2, 7, 4, 64)]  # the fused op ran, once, on q [B, S, Hq, D]
+
+
+ROPE_FIRST_CASES = {  # id: (norm, is_neox, rotary_dim)
+    "weightless-neox-full": ("weightless", True, 64),
+    "plain-gptj-partial": ("plain", False, 32),
+}
+
+
+@pytest.mark.parametrize("case", ROPE_FIRST_CASES)
+def test_rope_then_norm_fuses_with_rope_first(fusion, case):
+    norm, is_neox, rotary = ROPE_FIRST_CASES[case]
+    module = HFAttentionPrologue(norm, is_neox, rotary, rope_first=True)
+    got, want = _compile_and_run(module, hf_inputs(rotary_dim=rotary, is_neox=is_neox))
+    _assert_close(got, want)
+    site = _one_site(cuqk_torch.fusion_report())
+    assert site.rope_first and "RoPE then norm" in str(site)
+    assert (site.rotary_dim, site.is_neox, site.norm) == (rotary, is_neox, module.kind)
+    assert fusion == [(2, 7, 4, 64)]
 
 
 VLLM_CASES = {  # id: (norm, is_neox, rotary_dim, gather)
@@ -510,28 +540,54 @@ def _qwen3_5_model(transformers, config):
     return transformers.Qwen3_5ForCausalLM(text), "gemma"
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3", "qwen3_5"])
-def test_hf_model_fuses_one_site_per_layer(fusion, family):
+def _llama4_model(transformers, config):
+    # Llama 4: complex (GPT-J) RoPE, then the weight-free L2 norm; layer 1 is a NoPE layer
+    # (neither), so one site in two layers.
+    text = transformers.Llama4TextConfig(
+        **{k: getattr(config, k) for k in ("hidden_size", "intermediate_size",
+                                            "num_hidden_layers", "num_attention_heads",
+                                            "num_key_value_heads", "head_dim", "vocab_size",
+                                            "max_position_embeddings", "rms_norm_eps")},
+        intermediate_size_mlp=config.intermediate_size, use_qk_norm=True, no_rope_layers=[1, 0],
+        moe_layers=[], attn_implementation="sdpa")
+    return transformers.Llama4ForCausalLM(text), "rms"
+
+
+FAMILIES = {  # family: (model builder, norm modules fused, whether RoPE comes first)
+    "qwen3": (lambda t, c: (t.Qwen3ForCausalLM(c), "rms"), ("q_norm", "q_norm"), False),
+    "gemma3": (_gemma3_model, ("q_norm", "q_norm"), False),
+    "qwen3_5": (_qwen3_5_model, ("q_norm", "q_norm"), False),
+    "llama4": (_llama4_model, ("qk_norm",), True),
+}
+
+
+def _family_model(family, dtype=torch.float32, device="cpu"):
     transformers, config = _qwen3_config()
-    if family == "qwen3":
-        model, norm = transformers.Qwen3ForCausalLM(config), "rms"
-    else:
-        model, norm = {"gemma3": _gemma3_model, "qwen3_5": _qwen3_5_model}[family](
-            transformers, config)
-    model.eval()
+    build, names, rope_first = FAMILIES[family]
+    torch.manual_seed(0)
+    model, norm = build(transformers, config)
     _randomize_norms(model)
+    sites = [f"model.layers.{i}.self_attn.{name}" for i, name in enumerate(names)]
+    return model.to(device, dtype).eval(), norm, sites, rope_first
+
+
+def _check_family_report(report, norm, sites, rope_first):
+    assert not report.rejected, str(report)
+    assert sorted(s.q.split(" ")[0] for s in report.fused) == sites, str(report)
+    assert all(s.norm == norm and (s.num_q_heads, s.num_kv_heads) == (4, 2)
+               and s.rope_first == rope_first for s in report.fused), str(report)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_model_fuses_one_site_per_layer(fusion, family):
+    model, norm, sites, rope_first = _family_model(family)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = model(ids).logits
         got = torch.compile(model, fullgraph=True)(ids).logits
     _assert_close([got], [want])
-    report = cuqk_torch.fusion_report()
-    assert not report.rejected, str(report)
-    assert sorted(s.q.split(" ")[0] for s in report.fused) == [
-        f"model.layers.{i}.self_attn.q_norm" for i in range(2)]
-    assert all(s.norm == norm and (s.num_q_heads, s.num_kv_heads) == (4, 2)
-               for s in report.fused), str(report)
-    assert len(fusion) == 2
+    _check_family_report(cuqk_torch.fusion_report(), norm, sites, rope_first)
+    assert len(fusion) == len(sites)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -560,11 +616,31 @@ def test_gpu_qwen3_decoder_layer_bfloat16(fusion):
 
 
 @requires_gpu
-@pytest.mark.parametrize("style", ["hf", "vllm"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_hf_model_bfloat16(fusion, family):
+    # Each family compiled with the pass on the GPU in bfloat16: the fused sites run the
+    # kernels; logits are as close to the float32 model as the unfused bfloat16 model's are.
+    model, norm, sites, rope_first = _family_model(family, torch.bfloat16, "cuda")
+    exact, *_ = _family_model(family, torch.float32, "cuda")
+    ids = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.no_grad():
+        want = exact(ids).logits
+        unfused = model(ids).logits
+        got = torch.compile(model, fullgraph=True)(ids).logits
+    _check_family_report(cuqk_torch.fusion_report(), norm, sites, rope_first)
+    assert len(fusion) == len(sites)
+    err_fused, err_unfused = _rel_err(got, want), _rel_err(unfused, want)
+    assert err_fused <= 1.25 * err_unfused + 1e-3, (err_fused, err_unfused)
+
+
+@requires_gpu
+@pytest.mark.parametrize("style", ["hf", "vllm", "rope-first"])
 def test_gpu_synthetic_bfloat16(fusion, style):
-    if style == "hf":
-        module, exact_module = (HFAttentionPrologue("functional", dtype=d).cuda()
-                                for d in (torch.bfloat16, torch.float32))
+    if style in ("hf", "rope-first"):
+        first = style == "rope-first"
+        module, exact_module = (
+            HFAttentionPrologue("weightless" if first else "functional", dtype=d,
+                                rope_first=first).cuda() for d in (torch.bfloat16, torch.float32))
         inputs = hf_inputs(dtype=torch.bfloat16, device="cuda", seq=33)
     else:
         module, exact_module = (VllmAttentionPrologue("plain", False, 32, dtype=d).cuda()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
@@ -14,8 +15,8 @@ def test_variant_names_and_expressions_are_unique():
     assert len({v.name for v in _jit.VARIANTS}) == len(_jit.VARIANTS)
     assert len({v.expression for v in _jit.VARIANTS}) == len(_jit.VARIANTS)
     for v in _jit.VARIANTS:
-        assert re.fullmatch(r"qk_norm_rope_kernel<\w+, (true|false), \d+, \d+, (true|false)>",
-                            v.expression)
+        kernel = "qk_norm_mrope_kernel" if v.is_mrope else "qk_norm_rope_kernel"
+        assert re.fullmatch(kernel + r"<\w+, (true|false), \d+, \d+>", v.expression)
 
 
 @pytest.mark.parametrize("dtype", list(_jit.DTYPES))
@@ -80,3 +81,19 @@ def test_nvrtc_compiles_every_variant(variant, arch):
 def test_nvrtc_emits_ptx_for_offline_resource_checks():
     ptx = _jit.compile_offline(_jit.VARIANTS[0], "sm_90", ptx=True)
     assert b".entry _Z19qk_norm_rope_kernel" in ptx and b".target sm_90" in ptx
+
+
+def test_first_launch_caps_the_grid_at_the_resident_blocks(monkeypatch):
+    # The host side of a launch, with the driver calls replaced: the first launch resolves the
+    # function and the grid once, later launches reuse them.
+    op = importlib.import_module("cuqk.qk_norm_rope")  # the module: the package exports the op
+    launches = []
+    monkeypatch.setattr(_jit, "get_function", lambda variant, device, stream: 1234)
+    monkeypatch.setattr(_jit, "resident_blocks", lambda variant, device: 528)
+    monkeypatch.setattr(_jit, "launch", lambda *args: launches.append(args[:3]))
+    plans = [op._Plan("torch", 0, _jit.VARIANTS[0], blocks, b"", 0, (), None,
+                      lambda device: 7, [], ()) for blocks in (10_000, 3)]
+    for plan in plans:
+        op._launch(plan, ())
+        op._launch(plan, ())
+    assert launches == [(1234, 528, 7)] * 2 + [(1234, 3, 7)] * 2
