@@ -377,9 +377,7 @@ def _real_columns(call, source):
     whose columns the matcher numbered."""
     if not meta_val(source).is_complex():
         return source
-    parts = call(aten.view_as_real.default, source)
-    return call(aten.cat.default, [call(aten.select.int, parts, -1, 0),
-                                   call(aten.select.int, parts, -1, 1)], -1)
+    return call(torch.ops.cuqk.cos_sin_of_complex.default, source)
 
 
 def _gather_args(node):

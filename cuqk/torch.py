@@ -6,6 +6,8 @@ Importing this module registers, through ``torch.library.custom_op``:
 - ``torch.ops.cuqk.qk_norm_rope``: out of place, returns new contiguous ``(q_out, k_out)``;
 - ``torch.ops.cuqk.qk_norm_rope_gate``: gated attention's prologue, returns new contiguous
   ``(q_out, k_out, gate_out)``;
+- ``torch.ops.cuqk.cos_sin_of_complex``: ``[..., n]`` complex ``cos + i sin`` to a real
+  ``[..., 2n]`` ``[cos | sin]``, which the fusion pass inserts for Llama 4's ``freqs_cis``;
 
 each with a fake (meta) implementation for tracing. The functions below have the signatures of
 ``cuqk.qk_norm_rope_``, ``cuqk.qk_norm_rope`` and ``cuqk.qk_norm_rope_gate`` and call the ops.
@@ -92,6 +94,19 @@ def _gate_fake(q_gate, k, positions, q_weight, k_weight, cos_sin_cache, num_q_he
     q_width = num_q_heads * head_dim
     return (q_gate.new_empty((*lead, q_width)), k.new_empty((*lead, num_kv_heads * head_dim)),
             q_gate.new_empty((*lead, q_width)))
+
+
+@torch.library.custom_op("cuqk::cos_sin_of_complex", mutates_args=())
+def _cos_sin_of_complex(freqs: Tensor) -> Tensor:
+    # An op of its own: Inductor generates no code for complex tensors (on the GPU, views of
+    # them failed to compile), and an opaque op leaves it none to generate.
+    return torch.cat([freqs.real, freqs.imag], dim=-1)
+
+
+@_cos_sin_of_complex.register_fake
+def _cos_sin_of_complex_fake(freqs):
+    return torch.empty((*freqs.shape[:-1], 2 * freqs.shape[-1]), dtype=freqs.real.dtype,
+                       device=freqs.device)
 
 
 def _section(mrope_section):

@@ -515,14 +515,19 @@ def test_qwen3_decoder_layer_fuses_one_site(fusion):
     assert fusion == [(2, 11, 4, 64)]
 
 
+def _shared(config):
+    """The Qwen3 test config's sizes, for another family's config."""
+    return {k: getattr(config, k) for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings",
+        "rms_norm_eps")}
+
+
 def _gemma3_model(transformers, config):
     # Gemma 3 normalises q and k after the transpose to [B, H, S, D], with (1 + w); one
     # sliding layer (local rotary table) and one global.
     text = transformers.Gemma3TextConfig(
-        **{k: getattr(config, k) for k in ("hidden_size", "intermediate_size",
-                                            "num_hidden_layers", "num_attention_heads",
-                                            "num_key_value_heads", "head_dim", "vocab_size",
-                                            "max_position_embeddings", "rms_norm_eps")},
+        **_shared(config),
         sliding_window=4, layer_types=["sliding_attention", "full_attention"],
         query_pre_attn_scalar=24, attn_implementation="sdpa")
     return transformers.Gemma3ForCausalLM(text), "gemma"
@@ -532,10 +537,7 @@ def _qwen3_5_model(transformers, config):
     # Qwen3.5 gated attention: q is the first half of each [q | gate] head of q_proj (a
     # strided view), (1 + w) norms, partial rotary. Full-attention layers only.
     text = transformers.Qwen3_5TextConfig(
-        **{k: getattr(config, k) for k in ("hidden_size", "intermediate_size",
-                                            "num_hidden_layers", "num_attention_heads",
-                                            "num_key_value_heads", "head_dim", "vocab_size",
-                                            "max_position_embeddings", "rms_norm_eps")},
+        **_shared(config),
         layer_types=["full_attention"] * 2, attn_implementation="sdpa")
     return transformers.Qwen3_5ForCausalLM(text), "gemma"
 
@@ -544,17 +546,33 @@ def _llama4_model(transformers, config):
     # Llama 4: complex (GPT-J) RoPE, then the weight-free L2 norm; layer 1 is a NoPE layer
     # (neither), so one site in two layers.
     text = transformers.Llama4TextConfig(
-        **{k: getattr(config, k) for k in ("hidden_size", "intermediate_size",
-                                            "num_hidden_layers", "num_attention_heads",
-                                            "num_key_value_heads", "head_dim", "vocab_size",
-                                            "max_position_embeddings", "rms_norm_eps")},
+        **_shared(config),
         intermediate_size_mlp=config.intermediate_size, use_qk_norm=True, no_rope_layers=[1, 0],
         moe_layers=[], attn_implementation="sdpa")
     return transformers.Llama4ForCausalLM(text), "rms"
 
 
+def _qwen3_moe_model(transformers, config):
+    moe = transformers.Qwen3MoeConfig(
+        **_shared(config),
+        moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        attn_implementation="sdpa")
+    return transformers.Qwen3MoeForCausalLM(moe), "rms"
+
+
+def _qwen3_next_model(transformers, config):
+    # Gated attention as Qwen3.5's, MoE MLPs; full-attention layers only.
+    nxt = transformers.Qwen3NextConfig(
+        **_shared(config),
+        layer_types=["full_attention"] * 2, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, shared_expert_intermediate_size=32, attn_implementation="sdpa")
+    return transformers.Qwen3NextForCausalLM(nxt), "gemma"
+
+
 FAMILIES = {  # family: (model builder, norm modules fused, whether RoPE comes first)
     "qwen3": (lambda t, c: (t.Qwen3ForCausalLM(c), "rms"), ("q_norm", "q_norm"), False),
+    "qwen3_moe": (_qwen3_moe_model, ("q_norm", "q_norm"), False),
+    "qwen3_next": (_qwen3_next_model, ("q_norm", "q_norm"), False),
     "gemma3": (_gemma3_model, ("q_norm", "q_norm"), False),
     "qwen3_5": (_qwen3_5_model, ("q_norm", "q_norm"), False),
     "llama4": (_llama4_model, ("qk_norm",), True),

@@ -71,6 +71,18 @@ def test_opcheck_new_flags_and_the_gate_op(device):
     torch.library.opcheck(torch.ops.cuqk.qk_norm_rope_gate.default, gate_args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_cos_sin_of_complex(device):
+    # The op the fusion pass puts in front of Llama 4's freqs_cis.
+    angles = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(7)).to(device)
+    freqs = torch.polar(torch.ones_like(angles), angles)
+    torch.library.opcheck(torch.ops.cuqk.cos_sin_of_complex.default, (freqs,))
+    got = torch.ops.cuqk.cos_sin_of_complex(freqs)
+    assert got.dtype == torch.float32 and got.shape == (2, 9, 32)
+    torch.testing.assert_close(got, torch.cat([angles.cos(), angles.sin()], -1), rtol=0,
+                               atol=1e-6)
+
+
 def test_wrappers_pass_every_flag_through():
     qkv, positions, qw, kw, cache = _inputs("cpu")
     q, k = _split(qkv)
