@@ -569,12 +569,21 @@ def _qwen3_next_model(transformers, config):
     return transformers.Qwen3NextForCausalLM(nxt), "gemma"
 
 
+def _qwen3_5_moe_model(transformers, config):
+    moe = transformers.Qwen3_5MoeTextConfig(
+        **_shared(config), layer_types=["full_attention"] * 2, moe_intermediate_size=32,
+        num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=32,
+        attn_implementation="sdpa")
+    return transformers.Qwen3_5MoeForCausalLM(moe), "gemma"
+
+
 FAMILIES = {  # family: (model builder, norm modules fused, whether RoPE comes first)
     "qwen3": (lambda t, c: (t.Qwen3ForCausalLM(c), "rms"), ("q_norm", "q_norm"), False),
     "qwen3_moe": (_qwen3_moe_model, ("q_norm", "q_norm"), False),
     "qwen3_next": (_qwen3_next_model, ("q_norm", "q_norm"), False),
     "gemma3": (_gemma3_model, ("q_norm", "q_norm"), False),
     "qwen3_5": (_qwen3_5_model, ("q_norm", "q_norm"), False),
+    "qwen3_5_moe": (_qwen3_5_moe_model, ("q_norm", "q_norm"), False),
     "llama4": (_llama4_model, ("qk_norm",), True),
 }
 
