@@ -53,6 +53,9 @@ class Config(NamedTuple):
     rope_first: bool = False
     mrope_section: tuple | None = None
     mrope_interleaved: bool = False
+    # Rows start one element past a 16-byte boundary (a view of a wider buffer): the kernel's
+    # element-wise (VEC=1) path.
+    unaligned: bool = False
 
 
 CONFIGS = {
@@ -68,6 +71,7 @@ CONFIGS = {
                              mrope_interleaved=True),
     "llama4-rope-first": Config(40, 8, 8, 128, 128, is_neox=False, weights=False,
                                 rope_first=True),
+    "qwen3-8b-unaligned": Config(32, 8, 8, 128, 128, unaligned=True),
 }
 # fp16 and fp32 get a subset by default so that a full run stays within a few minutes.
 _SUBSET = ("qwen3-8b", "gptj-d64")
@@ -211,10 +215,18 @@ def provider_calls(provider, cfg, dtype, tokens, compiled, rotate) -> list[Calla
     position_shape = (3, tokens) if cfg.mrope_section else (tokens,)
     calls = []
     for _ in range(rotation_count(tokens * (sum(widths) * dtype.itemsize + 8), rotate)):
-        activations = [torch.randn(tokens, w, device="cuda", dtype=dtype) for w in widths]
+        activations = [activation_rows(tokens, w, dtype, cfg.unaligned, "cuda") for w in widths]
         positions = torch.randint(0, MAX_POS, position_shape, device="cuda")
         calls.append(functools.partial(op, *activations, positions, *weights, cache, **kwargs))
     return calls
+
+
+def activation_rows(tokens, width, dtype, unaligned, device, generator=None) -> torch.Tensor:
+    """Random ``[tokens, width]`` activations; with ``unaligned``, a view that starts one element
+    into a ``[tokens, width + 1]`` buffer, so neither the data nor the rows are 16-byte aligned."""
+    rows = torch.randn(tokens, width + unaligned, generator=generator, device=device,
+                       dtype=dtype)
+    return rows[:, 1:] if unaligned else rows
 
 
 def unfused_op(cfg: Config) -> Callable:

@@ -33,7 +33,7 @@ def test_unfused_baseline_matches_reference(name):
                                            num_kv_heads=cfg.num_kv_heads, **flags)
     else:
         width = (cfg.num_q_heads + cfg.num_kv_heads + cfg.num_v_heads) * D
-        qkv = torch.randn(T, width, generator=gen)
+        qkv = bench.activation_rows(T, width, torch.float32, cfg.unaligned, "cpu", gen)
         want = [reference.qkv_norm_rope(qkv.numpy(), positions.numpy(),
                                         *(None if w is None else w.numpy() for w in weights),
                                         cache.numpy(), num_q_heads=cfg.num_q_heads,
