@@ -270,7 +270,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
 }
 
 /// \brief 1-D RoPE. The default register allocation (57 registers for 16-bit data) fits 4 blocks
-/// of 256 threads per SM; bounding it only moved spills around.
+/// of 256 threads per SM; bounded to 5 blocks (48 registers and spills) it ran slower.
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS>
 __global__ void __launch_bounds__(256) qk_norm_rope_kernel(const QkNormRopeParams p) {
   norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, false>(p);
