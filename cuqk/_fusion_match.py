@@ -124,7 +124,11 @@ def match_norm(node):
         raise NoMatch(f"norm over dims {list(mean.args[1])} of a {ndim}-d tensor, not over "
                       "the last dim (head_dim)")
     x = _strip_casts(xf)
-    nodes = [n for n in (xf, square, mean, add, rsqrt, scaled) if n is not x]
+    casts, node = [], xf
+    while node is not x:  # every cast from x to the dtype the norm computes in
+        casts.append(node)
+        node = node.args[0]
+    nodes = [*reversed(casts), square, mean, add, rsqrt, scaled]
     return _follow_weight(x, scaled, nodes, _eps(eps), None)
 
 
@@ -638,7 +642,7 @@ def find_site(norm, where):
             return None
         raise NoMatch(f"no RoPE recognised after the norm (first op not followed: "
                       f"{trace.first_stop})")
-    return _site(norm, trace, out, out, lambda: _region(trace, out, norm), where, False)
+    return _site(norm, trace, out, out, where)
 
 
 def find_rope_first_site(norm, where):
@@ -664,37 +668,17 @@ def find_rope_first_site(norm, where):
                     and _same(value.shape[-1], head_dim)):
                 candidates.append(arg)
     for start in candidates[::-1][:_ROPE_FIRST_CANDIDATES]:
-        start_norm = _Norm(start, start, (), norm.eps, None, (), norm.kind)
-        trace = _Trace(start_norm)
+        trace = _Trace(_Norm(start, start, (), norm.eps, None, (), norm.kind))
         if trace.run(_ROPE_FIRST_LIMIT) is norm.x:
             # The heads as projected, before the float32 cast RoPE is often computed in.
-            site_norm = norm._replace(x=_strip_casts(start))
-            return _site(site_norm, trace, norm.y, norm.x,
-                         lambda: _rope_first_region(trace, norm, start_norm), where, True)
+            return _site(norm._replace(x=_strip_casts(start)), trace, norm.y, norm.x, where)
     return None
 
 
-def _rope_first_region(trace, norm, start_norm):
-    """The RoPE's nodes and the norm's; each must feed only the others (or be the norm
-    output)."""
-    region = set(_region(trace, norm.x, start_norm)) | set(norm.nodes)
-    cast = norm.nodes[0] if norm.nodes else None
-    while is_call(cast, {CAST}) and cast is not norm.x:  # casts from x to the norm's float32
-        region.add(cast)
-        cast = cast.args[0]
-    order = {n: i for i, n in enumerate(norm.y.graph.nodes)}
-    for node in sorted(region, key=order.__getitem__):
-        outside = [u for u in node.users if u not in region]
-        if node is not norm.y and outside:
-            raise NoMatch(f"{node.name} between the RoPE and the norm is also used by "
-                          f"{outside[0].name} ({outside[0].target})")
-    return tuple(sorted(region, key=order.__getitem__))
-
-
-def _site(norm, trace, out, rope_out, region, where, rope_first):
+def _site(norm, trace, out, rope_out, where):
     """The Site once a RoPE is found: ``rope_out`` is the node whose value is the RoPE, ``out``
-    the node the fused op replaces (the same unless the norm follows the RoPE); ``region()``
-    the nodes it makes dead, computed once the cheaper checks pass."""
+    the node the fused op replaces (``rope_out``, or the norm output when the norm follows the
+    RoPE)."""
     x = meta_val(norm.x)
     if not isinstance(norm.eps, float):
         raise NoMatch(f"eps is a graph input ({norm.eps.name}), not a constant: "
@@ -716,9 +700,10 @@ def _site(norm, trace, out, rope_out, region, where, rope_first):
     heads = _heads_dim(x, {d for dims in links.values() for d in dims.values()})
     tokens = tuple(d for d in range(x.dim() - 1) if d != heads)
     links = {s: {sd: tokens.index(d) for sd, d in dims.items()} for s, dims in links.items()}
-    return Site(norm, out, trace.values[rope_out].lead, rope, region(),
+    region = _region(trace, rope_out, norm, out)
+    return Site(norm, out, trace.values[rope_out].lead, rope, region,
                 tuple(trace.side_nodes) + norm.weight_nodes, tokens, heads, links, where,
-                rope_first)
+                out is not rope_out)
 
 
 def _heads_dim(x, linked):
@@ -746,19 +731,13 @@ def _check_cos_sin(rope, links):
         if unlinked:
             raise NoMatch(f"dims {unlinked} of {what} ({source.name}) match no token dim")
     cos, sin = sources
-    cos_dtype, sin_dtype = (real_dtype(meta_val(n).dtype) for n in (cos, sin))
+    cos_dtype, sin_dtype = (meta_val(n).dtype.to_real() for n in (cos, sin))
     if cos_dtype not in _CACHE_DTYPES or cos_dtype != sin_dtype:
         raise NoMatch(f"cos/sin dtypes {cos_dtype}, {sin_dtype} unsupported (cuqk takes one of "
                       f"{', '.join(ACTIVATION_DTYPES)} for both)")
     if cos is not sin and (links[cos] != links[sin]
                            or meta_shape(cos)[:-1] != meta_shape(sin)[:-1]):
         raise NoMatch(f"cos ({cos.name}) and sin ({sin.name}) are laid out differently")
-
-
-def real_dtype(dtype):
-    """The dtype of the real and imaginary parts of a complex dtype; others unchanged."""
-    return {torch.complex32: torch.float16, torch.complex64: torch.float32,
-            torch.complex128: torch.float64}.get(dtype, dtype)
 
 
 def progression(columns):
@@ -769,9 +748,10 @@ def progression(columns):
     return columns[0], step
 
 
-def _region(trace, out, norm):
-    """The nodes from the norm to ``out``; each must feed only the others (or be ``out``)."""
-    region, todo = {out}, [out]
+def _region(trace, rope_out, norm, out):
+    """The nodes the trace evaluated up to ``rope_out``, and the norm's; each must feed only the
+    others (or be ``out``, the node the fused op replaces)."""
+    region, todo = {rope_out}, [rope_out]
     while todo:
         for arg in todo.pop().all_input_nodes:
             if arg in trace.values and arg not in region:

@@ -105,7 +105,7 @@ def _cos_sin_of_complex(freqs: Tensor) -> Tensor:
 
 @_cos_sin_of_complex.register_fake
 def _cos_sin_of_complex_fake(freqs):
-    return torch.empty((*freqs.shape[:-1], 2 * freqs.shape[-1]), dtype=freqs.real.dtype,
+    return torch.empty((*freqs.shape[:-1], 2 * freqs.shape[-1]), dtype=freqs.dtype.to_real(),
                        device=freqs.device)
 
 
