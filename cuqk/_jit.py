@@ -45,7 +45,9 @@ DTYPES = {
 }
 
 NVRTC_OPTIONS = ("--std=c++17",)
-BLOCK_THREADS = 256
+BLOCK_THREADS = 256  # BLOCK_THREADS in qk_norm_rope.cu
+# Floats per buffer of the mRoPE kernel's merged rows (MROPE_ROW_FLOATS in qk_norm_rope.cu).
+MROPE_ROW_FLOATS = 3072
 MIN_COMPUTE_CAPABILITY = 80
 _INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)
 
@@ -253,14 +255,25 @@ STATIC_FIELDS = (
     "q_out_outer", "q_out_inner", "q_out_head", "k_out_outer", "k_out_inner", "k_out_head",
     "pos_stride_outer", "pos_stride_inner", "pos_stride_section", "pos_is_int64",
     "cache_row_stride", "max_position", "cache_dtype", "weight_dtype",
-    "num_tokens", "tokens_inner", "num_q_heads", "num_k_heads",
-    "head_dim", "rotary_dim", "norm_mode", "lanes_per_head", "rope_first",
+    "num_tokens", "tokens_inner", "num_q_heads", "num_k_heads", "head_div_magic",
+    "head_div_shift", "head_dim", "rotary_dim", "norm_mode", "lanes_log2", "rope_first",
     "mrope_section0", "mrope_section1", "mrope_section2", "mrope_interleaved",
 )
 _STATICS = struct.Struct("<" + "q" * len(STATIC_FIELDS) + "d")
 # One pack per launch: the pointers, then the plan's pre-packed statics as raw bytes.
 _PARAMS = struct.Struct(f"<{len(POINTER_FIELDS)}Q{_STATICS.size}s")
 PARAMS_SIZE = _PARAMS.size
+
+
+def fast_division(divisor: int) -> tuple[int, int]:
+    """``(magic, shift)`` with ``n // divisor == (n * magic) >> shift`` for every ``0 <= n < 2**31``.
+
+    ``shift = 31 + ceil(log2(divisor))`` and ``magic = ceil(2**shift / divisor)`` (below 2**32):
+    the error ``magic * divisor - 2**shift`` is under ``divisor``, so it adds less than
+    ``1 / divisor`` to ``n / divisor`` and never reaches the next integer.
+    """
+    shift = 31 + (divisor - 1).bit_length()
+    return -(-(1 << shift) // divisor), shift
 
 
 def pack_statics(values: dict, eps: float) -> bytes:

@@ -374,7 +374,9 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         "cache_dtype": _jit.DTYPES[cache.dtype][2], "weight_dtype": _jit.DTYPES[weight_dtype][2],
         "num_tokens": num_tokens, "tokens_inner": n_inner,
         "num_q_heads": num_q_heads, "num_k_heads": num_k_heads, "head_dim": head_dim,
-        "rotary_dim": rotary_dim, "norm_mode": NORM_CODES[norm], "lanes_per_head": lanes,
+        **dict(zip(("head_div_magic", "head_div_shift"), _jit.fast_division(num_heads))),
+        "rotary_dim": rotary_dim, "norm_mode": NORM_CODES[norm],
+        "lanes_log2": lanes.bit_length() - 1,
         "rope_first": rope_first, "mrope_section0": sections[0], "mrope_section1": sections[1],
         "mrope_section2": sections[2], "mrope_interleaved": mrope_interleaved,
     }

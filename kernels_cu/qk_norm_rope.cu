@@ -21,8 +21,18 @@
 //
 // Multimodal RoPE (IS_MROPE). Each token has three positions (temporal, height, width), one per
 // row of positions (pos_stride_section apart); frequency j reads the cache row of position
-// mrope_section_of(j).
+// mrope_section_of(j). Every head of a token needs the same merged row, so each block first
+// gathers the merged rows of the tokens its current heads belong to into shared memory; the
+// per-head work then reads them like the 1-D path reads its one cache row.
 #include "common.cuh"
+
+/// \brief Threads per block: the launch's block size (BLOCK_THREADS in cuqk/_jit.py).
+constexpr int BLOCK_THREADS = 256;
+
+/// \brief Floats of one buffer of merged mRoPE rows: the tokens that BLOCK_THREADS / lanes
+/// consecutive heads can span, times rotary_dim, for every supported geometry
+/// (MROPE_ROW_FLOATS in cuqk/_jit.py; a CPU test checks the bound).
+constexpr int MROPE_ROW_FLOATS = 3072;
 
 /// \brief Element strides of one tensor of heads (see the layout above).
 struct HeadStrides {
@@ -39,13 +49,34 @@ struct QkNormRopeParams {
   HeadStrides q_in_strides, k_in_strides, q_out_strides, k_out_strides;
   long long pos_stride_outer, pos_stride_inner, pos_stride_section, pos_is_int64;
   long long cache_row_stride, max_position, cache_dtype, weight_dtype;
-  long long num_tokens, tokens_inner, num_q_heads, num_k_heads;
-  long long head_dim, rotary_dim, norm_mode, lanes_per_head, rope_first;
+  long long num_tokens, tokens_inner, num_q_heads, num_k_heads, head_div_magic, head_div_shift;
+  long long head_dim, rotary_dim, norm_mode, lanes_log2, rope_first;
   long long mrope_section0, mrope_section1, mrope_section2, mrope_interleaved;
   double eps;
 };
 
 enum NormMode { NORM_NONE = 0, NORM_RMS = 1, NORM_GEMMA = 2 };
+
+/// \brief n / num_heads for n < 2^31, from the host's magic = ceil(2^shift / num_heads) with
+/// shift = 31 + ceil(log2(num_heads)) (cuqk/_jit.py fast_division): a wide multiply instead of
+/// a division's twenty-odd dependent instructions at the head of every thread's work, which
+/// is most of a small call's latency.
+__device__ __forceinline__ unsigned head_token(unsigned n, const QkNormRopeParams& p) {
+  return static_cast<unsigned>(
+      (static_cast<unsigned long long>(n) * static_cast<unsigned>(p.head_div_magic)) >>
+      static_cast<int>(p.head_div_shift));
+}
+
+/// \brief The leading indices (outer, inner) of token t (see the layout above).
+__device__ __forceinline__ void split_token(unsigned token, const QkNormRopeParams& p,
+                                            long long& outer, long long& inner) {
+  outer = token;
+  inner = 0;
+  if (p.tokens_inner != 1) {
+    outer = token / static_cast<unsigned>(p.tokens_inner);
+    inner = token - outer * p.tokens_inner;
+  }
+}
 
 /// \brief Element offsets of unit k's two vectors inside its head.
 template <bool IS_NEOX, int VEC>
@@ -75,40 +106,51 @@ __device__ __forceinline__ int mrope_section_of(int j, const QkNormRopeParams& p
   return j < p.mrope_section0 ? 0 : (j < p.mrope_section0 + p.mrope_section1 ? 1 : 2);
 }
 
-/// \brief cos and sin of frequencies [freq, freq + VEC) for a token at positions pos.
+/// \brief cos and sin of frequencies [freq, freq + VEC) for a token at position pos.
 /// Positions outside [0, max_position) read row 0 and yield NaN: loud, never out of bounds.
-template <int VEC, bool IS_MROPE>
-__device__ __forceinline__ void load_cos_sin(const QkNormRopeParams& p, const long long (&pos)[3],
-                                             int freq, float (&c)[VEC], float (&s)[VEC]) {
+template <int VEC>
+__device__ __forceinline__ void load_cos_sin(const QkNormRopeParams& p, long long pos, int freq,
+                                             float (&c)[VEC], float (&s)[VEC]) {
   const float nan = __int_as_float(0x7fc00000);
   const void* cache = reinterpret_cast<const void*>(p.cache);
   const int cache_dtype = static_cast<int>(p.cache_dtype);
-  const int half = static_cast<int>(p.rotary_dim) / 2;
-  if (!IS_MROPE) {
-    const bool ok = pos[0] >= 0 && pos[0] < p.max_position;
-    const long long row = (ok ? pos[0] : 0) * p.cache_row_stride;
-    load_as_float_dyn<VEC>(cache, row + freq, cache_dtype, c);
-    load_as_float_dyn<VEC>(cache, row + half + freq, cache_dtype, s);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      c[i] = ok ? c[i] : nan;
-      s[i] = ok ? s[i] : nan;
-    }
-    return;
-  }
-  // Each frequency reads its own row: element loads, which hit L1 since every head of the
-  // token reads the same rows; vector loads of all three rows cost too many registers.
+  const bool ok = pos >= 0 && pos < p.max_position;
+  const long long row = (ok ? pos : 0) * p.cache_row_stride;
+  load_as_float_dyn<VEC>(cache, row + freq, cache_dtype, c);
+  load_as_float_dyn<VEC>(cache, row + static_cast<int>(p.rotary_dim) / 2 + freq, cache_dtype, s);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    const int r = mrope_section_of(freq + i, p);
-    const long long pos_r = r == 0 ? pos[0] : (r == 1 ? pos[1] : pos[2]);
-    const bool ok = pos_r >= 0 && pos_r < p.max_position;
-    const long long row = (ok ? pos_r : 0) * p.cache_row_stride;
-    float ci[1], si[1];
-    load_as_float_dyn<1>(cache, row + freq + i, cache_dtype, ci);
-    load_as_float_dyn<1>(cache, row + half + freq + i, cache_dtype, si);
-    c[i] = ok ? ci[0] : nan;
-    s[i] = ok ? si[0] : nan;
+    c[i] = ok ? c[i] : nan;
+    s[i] = ok ? s[i] : nan;
+  }
+}
+
+/// \brief Writes rows[t * rotary_dim + col] = column col of the cache row that col's frequency
+/// reads, for tokens first_token + t, t < n_tokens: each token's merged mRoPE row, laid out as
+/// a cache row. The whole block takes part. NaN where that position is outside the cache.
+__device__ __forceinline__ void gather_mrope_rows(const QkNormRopeParams& p, unsigned first_token,
+                                                  unsigned n_tokens, float* rows) {
+  const int rotary_dim = static_cast<int>(p.rotary_dim);
+  const int half = rotary_dim / 2;
+  // Entries are (token, column) with the column padded to a power of two, so no division.
+  const int col_bits = 32 - __clz(rotary_dim - 1);
+  const unsigned entries = n_tokens << col_bits;
+  for (unsigned e = threadIdx.x; e < entries; e += BLOCK_THREADS) {
+    const int col = static_cast<int>(e & ((1u << col_bits) - 1u));
+    if (col >= rotary_dim) continue;
+    const unsigned t = e >> col_bits;
+    long long outer, inner;
+    split_token(first_token + t, p, outer, inner);
+    const long long off = outer * p.pos_stride_outer + inner * p.pos_stride_inner +
+                          mrope_section_of(col < half ? col : col - half, p) * p.pos_stride_section;
+    const long long pos = p.pos_is_int64 ? reinterpret_cast<const long long*>(p.positions)[off]
+                                         : reinterpret_cast<const int*>(p.positions)[off];
+    float v[1] = {__int_as_float(0x7fc00000)};
+    if (pos >= 0 && pos < p.max_position) {
+      load_as_float_dyn<1>(reinterpret_cast<const void*>(p.cache), pos * p.cache_row_stride + col,
+                           static_cast<int>(p.cache_dtype), v);
+    }
+    rows[t * rotary_dim + col] = v[0];
   }
 }
 
@@ -139,9 +181,12 @@ __device__ __forceinline__ void rotate_unit(float (&y)[2 * VEC], const float (&c
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool IS_MROPE>
 __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   constexpr int UNIT = 2 * VEC;
-  const int lanes = static_cast<int>(p.lanes_per_head);
+  // Two buffers: a block gathers the next rows while its slowest warp may still read the last.
+  __shared__ __align__(16) float mrope_rows[IS_MROPE ? 2 : 1][IS_MROPE ? MROPE_ROW_FLOATS : 1];
+  const int lanes_log2 = static_cast<int>(p.lanes_log2);
+  const int lanes = 1 << lanes_log2;
   const int lane = threadIdx.x & (lanes - 1);
-  const unsigned heads_per_block = blockDim.x / lanes;
+  const unsigned heads_per_block = BLOCK_THREADS >> lanes_log2;
   const unsigned num_q_heads = static_cast<unsigned>(p.num_q_heads);
   const unsigned num_qk_heads = num_q_heads + static_cast<unsigned>(p.num_k_heads);
   const unsigned num_heads = num_qk_heads + (p.gate_out ? num_q_heads : 0u);
@@ -154,22 +199,21 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   const bool rope_first = p.rope_first != 0;
   const float eps = static_cast<float>(p.eps);
 
-  // The loop condition is uniform over the block, so every lane reaches group_sum.
+  // The loop condition is uniform over the block, so every lane reaches group_sum and every
+  // thread the block barrier.
+  int buffer = 0;
   for (unsigned block_item = blockIdx.x * heads_per_block; block_item < total;
-       block_item += gridDim.x * heads_per_block) {
-    const unsigned item = block_item + threadIdx.x / lanes;
+       block_item += gridDim.x * heads_per_block, buffer ^= 1) {
+    const unsigned item = block_item + (threadIdx.x >> lanes_log2);
     const bool active = item < total;
-    const unsigned token = active ? item / num_heads : 0u;
+    const unsigned token = active ? head_token(item, p) : 0u;
     const unsigned head = active ? item - token * num_heads : 0u;
     const bool is_gate = head >= num_qk_heads;
     const bool is_q = head < num_q_heads || is_gate;
     const long long h = head < num_q_heads ? head : head - (is_gate ? num_qk_heads : num_q_heads);
 
-    long long outer = token, inner = 0;
-    if (p.tokens_inner != 1) {
-      outer = token / static_cast<unsigned>(p.tokens_inner);
-      inner = token - outer * p.tokens_inner;
-    }
+    long long outer, inner;
+    split_token(token, p, outer, inner);
     // Field-by-field selects: a reference to a kernel parameter would copy it to local memory.
     const HeadStrides in = is_q ? p.q_in_strides : p.k_in_strides;
     const HeadStrides out = is_q ? p.q_out_strides : p.k_out_strides;
@@ -179,19 +223,14 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
     T_IN* dst = reinterpret_cast<T_IN*>(is_gate ? p.gate_out : (is_q ? p.q_out : p.k_out)) +
                 (outer * out.outer + inner * out.inner + h * out.head);
 
-    long long pos[3] = {token, token, token};
-    if (active && p.positions) {
-      const long long pos_off = outer * p.pos_stride_outer + inner * p.pos_stride_inner;
-#pragma unroll
-      for (int r = 0; r < (IS_MROPE ? 3 : 1); ++r) {
-        const long long off = pos_off + r * p.pos_stride_section;
-        pos[r] = p.pos_is_int64 ? reinterpret_cast<const long long*>(p.positions)[off]
-                                : reinterpret_cast<const int*>(p.positions)[off];
-      }
+    long long pos = token;
+    if (!IS_MROPE && active && p.positions) {
+      const long long off = outer * p.pos_stride_outer + inner * p.pos_stride_inner;
+      pos = p.pos_is_int64 ? reinterpret_cast<const long long*>(p.positions)[off]
+                           : reinterpret_cast<const int*>(p.positions)[off];
     }
 
     float x[MAX_UNITS][UNIT];
-    float sum_sq = 0.f;
 #pragma unroll
     for (int u = 0; u < MAX_UNITS; ++u) {
       const int k = lane + u * lanes;
@@ -215,9 +254,35 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
         x[u][i] = va[i];
         x[u][VEC + i] = vb[i];
       }
+    }
+
+    // Gathered after the head loads are issued, so that their latencies overlap.
+    const float* rows = nullptr;
+    if constexpr (IS_MROPE) {
+      const unsigned first_token = head_token(block_item, p);
+      const unsigned last_item = min(block_item + heads_per_block, total) - 1u;
+      gather_mrope_rows(p, first_token, head_token(last_item, p) - first_token + 1u,
+                        mrope_rows[buffer]);
+      __syncthreads();
+      rows = mrope_rows[buffer] + (active ? token - first_token : 0u) * rotary_dim;
+    }
+    const auto cos_sin = [&](int freq, float(&c)[VEC], float(&s)[VEC]) {
+      if constexpr (IS_MROPE) {
+        load_as_float<float, VEC>(rows + freq, c);
+        load_as_float<float, VEC>(rows + rotary_dim / 2 + freq, s);
+      } else {
+        load_cos_sin<VEC>(p, pos, freq, c, s);
+      }
+    };
+
+    float sum_sq = 0.f;
+#pragma unroll
+    for (int u = 0; u < MAX_UNITS; ++u) {
+      const int k = lane + u * lanes;
+      if (!active || k >= n_units || is_gate) continue;
       if (rope_first && k < n_rot_units) {
         float c[VEC], s[VEC];
-        load_cos_sin<VEC, IS_MROPE>(p, pos, k * VEC, c, s);
+        cos_sin(k * VEC, c, s);
         rotate_unit<IS_NEOX, VEC>(x[u], c, s);
       }
 #pragma unroll
@@ -254,7 +319,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
       }
       if (!rope_first && k < n_rot_units) {
         float c[VEC], s[VEC];
-        load_cos_sin<VEC, IS_MROPE>(p, pos, k * VEC, c, s);
+        cos_sin(k * VEC, c, s);
         rotate_unit<IS_NEOX, VEC>(y, c, s);
       }
       float ya[VEC], yb[VEC];
@@ -272,13 +337,14 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
 /// \brief 1-D RoPE. The default register allocation (57 registers for 16-bit data) fits 4 blocks
 /// of 256 threads per SM; bounded to 5 blocks (48 registers and spills) it ran slower.
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS>
-__global__ void __launch_bounds__(256) qk_norm_rope_kernel(const QkNormRopeParams p) {
+__global__ void __launch_bounds__(BLOCK_THREADS) qk_norm_rope_kernel(const QkNormRopeParams p) {
   norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, false>(p);
 }
 
-/// \brief Multimodal RoPE. Left alone, the per-frequency row lookups take 86 registers, which
-/// fits only 2 blocks per SM; bounded to 3 blocks (at most 80 registers) it spills a few bytes.
+/// \brief Multimodal RoPE: the 1-D work on rows gathered into shared memory per block. Left
+/// alone, the scalar (VEC=1) instances hoist their shared-memory loads and take 125 registers;
+/// bounded to 4 blocks per SM, every instance fits in 52-56 without spilling.
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS>
-__global__ void __launch_bounds__(256, 3) qk_norm_mrope_kernel(const QkNormRopeParams p) {
+__global__ void __launch_bounds__(BLOCK_THREADS, 4) qk_norm_mrope_kernel(const QkNormRopeParams p) {
   norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true>(p);
 }

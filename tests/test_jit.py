@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import re
 
+import numpy as np
 import pytest
 
 from cuqk import _jit
@@ -58,6 +59,41 @@ def test_param_struct_matches_kernel_source():
             else:
                 names.append(name)
     assert names == [*_jit.POINTER_FIELDS, *_jit.STATIC_FIELDS, "eps"]
+
+
+def test_kernel_constants_match_the_host():
+    source = _jit.load_source("qk_norm_rope")
+    for name in ("BLOCK_THREADS", "MROPE_ROW_FLOATS"):
+        found = re.search(rf"constexpr int {name} = (\d+);", source)
+        assert found and int(found.group(1)) == getattr(_jit, name), name
+
+
+@pytest.mark.parametrize("divisor", [1, 2, 3, 5, 7, 12, 32, 40, 48, 56, 64, 96, 127, 129, 1000,
+                                     65535, 65537, 2**20 + 7])
+def test_fast_division_is_exact_below_2_31(divisor):
+    magic, shift = _jit.fast_division(divisor)
+    assert 0 < magic < 2**32
+    rng = np.random.default_rng(divisor)
+    near = [m * divisor + d for m in (0, 1, 2, (2**31 - 1) // divisor)
+            for d in (-1, 0, 1, divisor - 1)]
+    n = np.concatenate([rng.integers(0, 2**31, 200_000, dtype=np.uint64),
+                        np.array([x for x in near if 0 <= x < 2**31], dtype=np.uint64),
+                        np.array([2**31 - 1, 2**31 - 2, 0], dtype=np.uint64)])
+    # The kernel multiplies in 64 bits: magic < 2**32 and n < 2**31 keep the product below 2**63.
+    assert np.array_equal((n * np.uint64(magic)) >> np.uint64(shift), n // np.uint64(divisor))
+
+
+@pytest.mark.parametrize("dtype", list(_jit.DTYPES))
+def test_mrope_rows_fit_the_shared_buffer_for_every_geometry(dtype):
+    """The tokens a block's heads span, times rotary_dim, fit MROPE_ROW_FLOATS: every head dim,
+    both access widths, the fewest heads per token (one q and one k head)."""
+    for vec in (_jit.wide_vec(dtype), 1):
+        for head_dim in HEAD_DIMS:
+            lanes, _ = _jit.lanes_and_units(head_dim, vec)
+            heads_per_block = _jit.BLOCK_THREADS // lanes
+            num_heads = 2
+            tokens = -(-(heads_per_block - 1) // num_heads) + 1
+            assert tokens * head_dim <= _jit.MROPE_ROW_FLOATS, (head_dim, vec)
 
 
 def test_source_inlines_headers_so_the_cache_key_tracks_them(tmp_path, monkeypatch):
