@@ -193,8 +193,11 @@ def rotation_count(buffer_bytes: int, rotate: bool) -> int:
     return max(1, min(math.ceil(3 * l2 / buffer_bytes), MAX_CALLS, affordable))
 
 
-def provider_calls(provider, cfg, dtype, tokens, compiled, rotate) -> list[Callable]:
-    """One zero-argument callable per rotating input buffer."""
+def provider_calls(provider, cfg, dtype, tokens, compiled, rotate,
+                   shared_positions=False) -> list[Callable]:
+    """One zero-argument callable per rotating input buffer. With ``shared_positions`` every
+    buffer gets the same positions, as the layers of one decoding step do: the cos/sin rows
+    are then read from L2 after the first call instead of from DRAM."""
     if provider == "copy":
         half = kernel_bytes(cfg, dtype, tokens) // 2
         pairs = [(torch.empty(half, dtype=torch.uint8, device="cuda"),
@@ -214,9 +217,11 @@ def provider_calls(provider, cfg, dtype, tokens, compiled, rotate) -> list[Calla
     cache = rope_cache(cfg.rotary_dim)
     position_shape = (3, tokens) if cfg.mrope_section else (tokens,)
     calls = []
+    positions = torch.randint(0, MAX_POS, position_shape, device="cuda")
     for _ in range(rotation_count(tokens * (sum(widths) * dtype.itemsize + 8), rotate)):
         activations = [activation_rows(tokens, w, dtype, cfg.unaligned, "cuda") for w in widths]
-        positions = torch.randint(0, MAX_POS, position_shape, device="cuda")
+        if not shared_positions:
+            positions = torch.randint(0, MAX_POS, position_shape, device="cuda")
         calls.append(functools.partial(op, *activations, positions, *weights, cache, **kwargs))
     return calls
 
@@ -293,11 +298,11 @@ def empty_kernel_us() -> float:
 
 
 def bench_case(name, cfg, dtype, tokens, provider, compiled, copy_gbps, rotate, warmup_ms,
-               reps) -> dict:
+               reps, shared_positions=False) -> dict:
     row = {"config": name, "dtype": str(dtype).removeprefix("torch."), "T": tokens,
            "provider": provider, "bytes": kernel_bytes(cfg, dtype, tokens)}
     try:
-        calls = provider_calls(provider, cfg, dtype, tokens, compiled, rotate)
+        calls = provider_calls(provider, cfg, dtype, tokens, compiled, rotate, shared_positions)
         row |= time_calls(calls, warmup_ms, reps)
     except Exception as exc:  # noqa: BLE001 - one failing case must not stop the run
         row["error"] = _error_text(exc)
@@ -311,8 +316,9 @@ def bench_case(name, cfg, dtype, tokens, provider, compiled, copy_gbps, rotate, 
 
 
 def bench(configs=None, dtypes=DTYPES, sizes=SIZES, providers=PROVIDERS, rotate=True,
-          warmup_ms=25.0, reps=25) -> dict:
-    """Time every (config, dtype, T, provider); configs=None takes DEFAULT_CONFIGS per dtype."""
+          warmup_ms=25.0, reps=25, shared_positions=False) -> dict:
+    """Time every (config, dtype, T, provider); configs=None takes DEFAULT_CONFIGS per dtype.
+    ``shared_positions``: see ``provider_calls``."""
     # Every T is a new static shape, so a recompile; the default limit (8) is too low.
     limit_name = next(n for n in ("recompile_limit", "cache_size_limit")
                       if hasattr(torch._dynamo.config, n))
@@ -321,6 +327,7 @@ def bench(configs=None, dtypes=DTYPES, sizes=SIZES, providers=PROVIDERS, rotate=
     result = {"device": torch.cuda.get_device_name(), "versions": versions(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "configs": {name: cfg._asdict() for name, cfg in CONFIGS.items()},
+              "shared_positions": shared_positions,
               "copy_bandwidth_GBps": copy_gbps, "empty_kernel_us": _guarded(empty_kernel_us),
               "rows": []}
     print(f"{result['device']}: copy {copy_gbps:.0f} GB/s, "
@@ -334,7 +341,8 @@ def bench(configs=None, dtypes=DTYPES, sizes=SIZES, providers=PROVIDERS, rotate=
                   f"{_table_header(providers)}")
             for tokens in sizes:
                 rows = [bench_case(name, CONFIGS[name], dtype, tokens, provider, compiled,
-                                   copy_gbps, rotate, warmup_ms, reps) for provider in providers]
+                                   copy_gbps, rotate, warmup_ms, reps, shared_positions)
+                        for provider in providers]
                 _relate_to_same_size_copy(rows)
                 result["rows"] += rows
                 print(_table_line(rows, providers), flush=True)
@@ -583,6 +591,9 @@ def _parse_args(argv) -> argparse.Namespace:
                         help=f"token counts T (default: {','.join(map(str, SIZES))})")
     parser.add_argument("--providers", type=_csv(str, PROVIDERS.__contains__),
                         default=PROVIDERS, help=f"of {','.join(PROVIDERS)} (default: all)")
+    parser.add_argument("--shared-positions", action="store_true",
+                        help="one positions array for all rotating buffers (the layers of one "
+                        "decoding step): cos/sin rows come from L2, not DRAM")
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s against T (bf16)")
     parser.add_argument("--quick", action="store_true",
@@ -614,7 +625,7 @@ def main(argv=None) -> int:
     result = bench(configs=args.configs,
                    dtypes=args.dtypes or (("bfloat16",) if args.quick else DTYPES),
                    sizes=args.sizes or (QUICK_SIZES if args.quick else SIZES),
-                   providers=args.providers)
+                   providers=args.providers, shared_positions=args.shared_positions)
     extras = not (args.quick or args.no_extras)
     if args.host_overhead or extras:
         result["host_overhead"] = _guarded(host_overhead)

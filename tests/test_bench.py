@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_matches
+from conftest import assert_matches, requires_gpu
 
 torch = pytest.importorskip("torch")
 bench = pytest.importorskip("cuqk.bench")
@@ -41,3 +41,19 @@ def test_unfused_baseline_matches_reference(name):
         got = [bench.reference_qk_norm_rope_(qkv, positions, *weights, cache, **kwargs)]
     for g, w in zip(got, want):
         assert_matches(g.double().numpy(), np.asarray(w), "float32", name)
+
+
+@requires_gpu
+@pytest.mark.parametrize("shared", [False, True])
+def test_gpu_bench_times_every_provider_and_shares_positions_on_request(shared):
+    cfg = bench.CONFIGS["qwen3-8b"]
+    calls = bench.provider_calls("cuqk", cfg, torch.bfloat16, 4, None, True, shared)
+    assert len(calls) > 1
+    distinct = {id(call.args[1]) for call in calls}
+    assert len(distinct) == (1 if shared else len(calls))
+    result = bench.bench(configs=("qwen3-8b",), dtypes=("bfloat16",), sizes=(4,),
+                         providers=("cuqk", "copy"), warmup_ms=1.0, reps=3,
+                         shared_positions=shared)
+    assert result["shared_positions"] is shared
+    assert [r["provider"] for r in result["rows"]] == ["cuqk", "copy"]
+    assert all(r["median_us"] > 0 and "error" not in r for r in result["rows"])
