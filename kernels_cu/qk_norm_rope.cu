@@ -125,32 +125,62 @@ __device__ __forceinline__ void load_cos_sin(const QkNormRopeParams& p, long lon
   }
 }
 
-/// \brief Writes rows[t * rotary_dim + col] = column col of the cache row that col's frequency
-/// reads, for tokens first_token + t, t < n_tokens: each token's merged mRoPE row, laid out as
-/// a cache row. The whole block takes part. NaN where that position is outside the cache.
-__device__ __forceinline__ void gather_mrope_rows(const QkNormRopeParams& p, unsigned first_token,
-                                                  unsigned n_tokens, float* rows) {
+/// \brief The merged mRoPE rows a block needs while it works on heads [first_item, +count):
+/// tokens [first_token, first_token + n_tokens), laid out as cache rows, one entry per
+/// (token t, column col) at index t << col_bits | col (columns padded to a power of two, so
+/// entries need no division).
+struct MropeWindow {
+  unsigned first_token, entries;
+  int col_bits;
+};
+
+__device__ __forceinline__ MropeWindow mrope_window(const QkNormRopeParams& p, unsigned first_item,
+                                                    unsigned count, unsigned total) {
+  MropeWindow w{0u, 0u, 32 - __clz(static_cast<int>(p.rotary_dim) - 1)};
+  if (first_item < total) {
+    w.first_token = head_token(first_item, p);
+    const unsigned last_token = head_token(min(first_item + count, total) - 1u, p);
+    w.entries = (last_token - w.first_token + 1u) << w.col_bits;
+  }
+  return w;
+}
+
+/// \brief Whether entry e of window w is a real column (not padding) and, if so, its value:
+/// column col of the cache row that col's frequency reads for its token; NaN where that
+/// position is outside the cache.
+__device__ __forceinline__ bool mrope_entry(const QkNormRopeParams& p, const MropeWindow& w,
+                                            unsigned e, float& value) {
   const int rotary_dim = static_cast<int>(p.rotary_dim);
+  const int col = static_cast<int>(e & ((1u << w.col_bits) - 1u));
+  if (e >= w.entries || col >= rotary_dim) return false;
   const int half = rotary_dim / 2;
-  // Entries are (token, column) with the column padded to a power of two, so no division.
-  const int col_bits = 32 - __clz(rotary_dim - 1);
-  const unsigned entries = n_tokens << col_bits;
-  for (unsigned e = threadIdx.x; e < entries; e += BLOCK_THREADS) {
-    const int col = static_cast<int>(e & ((1u << col_bits) - 1u));
-    if (col >= rotary_dim) continue;
-    const unsigned t = e >> col_bits;
-    long long outer, inner;
-    split_token(first_token + t, p, outer, inner);
-    const long long off = outer * p.pos_stride_outer + inner * p.pos_stride_inner +
-                          mrope_section_of(col < half ? col : col - half, p) * p.pos_stride_section;
-    const long long pos = p.pos_is_int64 ? reinterpret_cast<const long long*>(p.positions)[off]
-                                         : reinterpret_cast<const int*>(p.positions)[off];
-    float v[1] = {__int_as_float(0x7fc00000)};
-    if (pos >= 0 && pos < p.max_position) {
-      load_as_float_dyn<1>(reinterpret_cast<const void*>(p.cache), pos * p.cache_row_stride + col,
-                           static_cast<int>(p.cache_dtype), v);
-    }
-    rows[t * rotary_dim + col] = v[0];
+  long long outer, inner;
+  split_token(w.first_token + (e >> w.col_bits), p, outer, inner);
+  const long long off = outer * p.pos_stride_outer + inner * p.pos_stride_inner +
+                        mrope_section_of(col < half ? col : col - half, p) * p.pos_stride_section;
+  const long long pos = p.pos_is_int64 ? reinterpret_cast<const long long*>(p.positions)[off]
+                                       : reinterpret_cast<const int*>(p.positions)[off];
+  float v[1] = {__int_as_float(0x7fc00000)};
+  if (pos >= 0 && pos < p.max_position) {
+    load_as_float_dyn<1>(reinterpret_cast<const void*>(p.cache), pos * p.cache_row_stride + col,
+                         static_cast<int>(p.cache_dtype), v);
+  }
+  value = v[0];
+  return true;
+}
+
+/// \brief Where entry e of window w goes in the rows buffer (rows of rotary_dim floats).
+__device__ __forceinline__ unsigned mrope_slot(const QkNormRopeParams& p, const MropeWindow& w,
+                                               unsigned e) {
+  return (e >> w.col_bits) * static_cast<unsigned>(p.rotary_dim) + (e & ((1u << w.col_bits) - 1u));
+}
+
+/// \brief Entries of window w from first_entry on, block-strided, written to rows.
+__device__ __forceinline__ void gather_mrope_rows(const QkNormRopeParams& p, const MropeWindow& w,
+                                                  unsigned first_entry, float* rows) {
+  for (unsigned e = first_entry + threadIdx.x; e < w.entries; e += BLOCK_THREADS) {
+    float value;
+    if (mrope_entry(p, w, e, value)) rows[mrope_slot(p, w, e)] = value;
   }
 }
 
@@ -181,7 +211,10 @@ __device__ __forceinline__ void rotate_unit(float (&y)[2 * VEC], const float (&c
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool IS_MROPE>
 __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   constexpr int UNIT = 2 * VEC;
-  // Two buffers: a block gathers the next rows while its slowest warp may still read the last.
+  // Two buffers: the rows of the block's next heads are fetched while it works on the current
+  // ones. Each thread carries MROPE_AHEAD entries across in registers, so their loads overlap
+  // the work; a window with more entries (few heads per token) gathers the rest after it.
+  constexpr int MROPE_AHEAD = 2;
   __shared__ __align__(16) float mrope_rows[IS_MROPE ? 2 : 1][IS_MROPE ? MROPE_ROW_FLOATS : 1];
   const int lanes_log2 = static_cast<int>(p.lanes_log2);
   const int lanes = 1 << lanes_log2;
@@ -199,6 +232,10 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   const bool rope_first = p.rope_first != 0;
   const float eps = static_cast<float>(p.eps);
 
+  if constexpr (IS_MROPE) {
+    gather_mrope_rows(p, mrope_window(p, blockIdx.x * heads_per_block, heads_per_block, total),
+                      0u, mrope_rows[0]);
+  }
   // The loop condition is uniform over the block, so every lane reaches group_sum and every
   // thread the block barrier.
   int buffer = 0;
@@ -256,15 +293,20 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
       }
     }
 
-    // Gathered after the head loads are issued, so that their latencies overlap.
+    // The next rows' loads are issued after the head loads, so that their latencies overlap.
     const float* rows = nullptr;
+    MropeWindow next{};
+    float ahead[MROPE_AHEAD];
+    bool ahead_ok[MROPE_AHEAD];
     if constexpr (IS_MROPE) {
-      const unsigned first_token = head_token(block_item, p);
-      const unsigned last_item = min(block_item + heads_per_block, total) - 1u;
-      gather_mrope_rows(p, first_token, head_token(last_item, p) - first_token + 1u,
-                        mrope_rows[buffer]);
+      next = mrope_window(p, block_item + gridDim.x * heads_per_block, heads_per_block, total);
+#pragma unroll
+      for (int g = 0; g < MROPE_AHEAD; ++g) {
+        ahead_ok[g] = mrope_entry(p, next, threadIdx.x + g * BLOCK_THREADS, ahead[g]);
+      }
+      // This iteration's rows are complete, and every read of the other buffer is done.
       __syncthreads();
-      rows = mrope_rows[buffer] + (active ? token - first_token : 0u) * rotary_dim;
+      rows = mrope_rows[buffer] + (active ? token - head_token(block_item, p) : 0u) * rotary_dim;
     }
     const auto cos_sin = [&](int freq, float(&c)[VEC], float(&s)[VEC]) {
       if constexpr (IS_MROPE) {
@@ -293,13 +335,12 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
     if (norm_mode != NORM_NONE) {
       scale = rsqrtf(group_sum(sum_sq, lanes) / static_cast<float>(head_dim) + eps);
     }
-    if (is_gate) continue;
     const long long weight = is_q ? p.q_weight : p.k_weight;
 
 #pragma unroll
     for (int u = 0; u < MAX_UNITS; ++u) {
       const int k = lane + u * lanes;
-      if (!active || k >= n_units) continue;
+      if (!active || k >= n_units || is_gate) continue;
       int off_a, off_b;
       unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
       float y[UNIT];
@@ -330,6 +371,15 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
       }
       store_from_float<T_IN, VEC>(dst + off_a, ya);
       store_from_float<T_IN, VEC>(dst + off_b, yb);
+    }
+
+    if constexpr (IS_MROPE) {
+      float* next_rows = mrope_rows[buffer ^ 1];
+#pragma unroll
+      for (int g = 0; g < MROPE_AHEAD; ++g) {
+        if (ahead_ok[g]) next_rows[mrope_slot(p, next, threadIdx.x + g * BLOCK_THREADS)] = ahead[g];
+      }
+      gather_mrope_rows(p, next, MROPE_AHEAD * BLOCK_THREADS, next_rows);
     }
   }
 }
