@@ -37,11 +37,9 @@ class _Plan(NamedTuple):
     stream: object  # the framework's device -> current raw stream function
     function: list  # [CUfunction handle, grid size], filled at the first launch
     grad_inputs: tuple  # names of torch inputs that require grad
-    # Aliasing: (pointer index, first byte, end byte) of each array the kernel writes and of
-    # each it reads, relative to its pointer; a call whose live pointers make a written range
-    # meet another range gets the exact check (see _check_aliasing).
-    written_spans: tuple = ()
-    read_spans: tuple = ()
+    # Aliasing: the _overlap_pairs of the arrays the kernel writes and those it reads; a call
+    # whose live pointers make a written byte range meet another gets the exact check again.
+    overlap_pairs: tuple = ()
 
 
 def _refuse_grad(plan):
@@ -303,20 +301,25 @@ def _check_no_overlap(written, read):
                 )
 
 
-def _spans(named_infos, index):
-    """(pointer index, first, end) of each named array that is present."""
-    return tuple((index[n], *_byte_span(inf)) for n, inf in named_infos if inf is not None)
+def _overlap_pairs(written, read, index):
+    """For each (written array, other present array) pair: (written pointer index, other
+    pointer index, lo, hi), where their byte ranges meet iff lo < written ptr - other ptr < hi."""
+    pairs = []
+    for w_name, w_info in written:
+        w_first, w_end = _byte_span(w_info)
+        for r_name, r_info in read:
+            if r_info is not None and index[r_name] != index[w_name]:
+                r_first, r_end = _byte_span(r_info)
+                pairs.append((index[w_name], index[r_name], r_first - w_end, r_end - w_first))
+    return tuple(pairs)
 
 
 def _ranges_meet(plan, pointers):
     """Cheap per-call test on the live pointers: may a written array overlap another?"""
-    for w_index, w_first, w_end in plan.written_spans:
-        w_ptr = pointers[w_index]
-        for r_index, r_first, r_end in plan.read_spans:
-            r_ptr = pointers[r_index]
-            if r_index != w_index and r_ptr and r_ptr + r_first < w_ptr + w_end \
-                    and w_ptr + w_first < r_ptr + r_end:
-                return True
+    for w_index, r_index, lo, hi in plan.overlap_pairs:
+        r_ptr = pointers[r_index]
+        if r_ptr and lo < pointers[w_index] - r_ptr < hi:
+            return True
     return False
 
 
@@ -379,6 +382,7 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         "lanes_log2": lanes.bit_length() - 1,
         "rope_first": rope_first, "mrope_section0": sections[0], "mrope_section1": sections[1],
         "mrope_section2": sections[2], "mrope_interleaved": mrope_interleaved,
+        "mrope_rounds": _jit.mrope_rounds(lanes, num_heads, rotary_dim),
     }
     for prefix, (_, _, head_stride), (outer, inner) in zip(
         ("q_in", "k_in", "q_out", "k_out"), heads, lead_strides
@@ -406,16 +410,15 @@ _POINTER_INDEX = {"qkv": 0, "q": 0, "k": 1, "out[0]": 2, "out[1]": 3, "positions
                   "cos_sin_cache": 6, "q_weight": 7, "k_weight": 8}
 
 
-def _recheck_aliasing(plan, pointers, named, packed_heads=None):
-    """The exact aliasing check again, on this call's arrays, when their live addresses make
-    a written range meet another (a plan is shared by every call of the same geometry).
-    ``packed_heads``: (Hq + Hk, D) of an in-place call."""
-    if _ranges_meet(plan, pointers):
-        infos = _infos(named)
-        if packed_heads:
-            _check_no_overlap(*_packed_aliases(infos, *packed_heads))
-        else:
-            _check_no_overlap(*_split_aliases(infos))
+def _recheck_aliasing(named, packed_heads=None):
+    """The exact aliasing check again, on this call's arrays, for a call whose live addresses
+    make a written range meet another (``_ranges_meet``: a plan is shared by every call of the
+    same geometry). ``packed_heads``: (Hq + Hk, D) of an in-place call."""
+    infos = _infos(named)
+    if packed_heads:
+        _check_no_overlap(*_packed_aliases(infos, *packed_heads))
+    else:
+        _check_no_overlap(*_split_aliases(infos))
 
 
 def _contiguous_lead_strides(lead, row):
@@ -466,8 +469,7 @@ def _plan_packed(qkv, positions, q_weight, k_weight, cache, num_q_heads, num_kv_
         mrope_section=mrope_section, mrope_interleaved=mrope_interleaved,
         grad_inputs=_grad_inputs(infos), k_offset=k_offset)
     written, read = _packed_aliases(infos, num_q_heads + num_kv_heads, head_dim)
-    return plan._replace(written_spans=_spans(written, _POINTER_INDEX),
-                         read_spans=_spans(read, _POINTER_INDEX))
+    return plan._replace(overlap_pairs=_overlap_pairs(written, read, _POINTER_INDEX))
 
 
 def _packed_aliases(infos, qk_heads, head_dim):
@@ -538,8 +540,7 @@ def _plan_split(q, k, positions, q_weight, k_weight, cache, eps, is_neox, rotary
     if out is None:
         return plan
     written, read = _split_aliases(infos)
-    return plan._replace(written_spans=_spans(written, _POINTER_INDEX),
-                         read_spans=_spans(written + read, _POINTER_INDEX))
+    return plan._replace(overlap_pairs=_overlap_pairs(written, written + read, _POINTER_INDEX))
 
 
 def _split_aliases(infos):
@@ -696,10 +697,10 @@ def qk_norm_rope_(qkv, positions, q_weight, k_weight, cos_sin_cache, *, num_q_he
         k_base = base + plan.k_offset
         pointers = (base, k_base, base, k_base, 0,
                     *_side_pointers(plan, positions, cos_sin_cache, q_weight, k_weight))
-        _recheck_aliasing(plan, pointers, (("qkv", qkv), ("positions", positions),
-                                           ("q_weight", q_weight), ("k_weight", k_weight),
-                                           ("cos_sin_cache", cos_sin_cache)),
-                          (num_q_heads + num_kv_heads, head_dim))
+        if _ranges_meet(plan, pointers):
+            _recheck_aliasing((("qkv", qkv), ("positions", positions), ("q_weight", q_weight),
+                               ("k_weight", k_weight), ("cos_sin_cache", cos_sin_cache)),
+                              (num_q_heads + num_kv_heads, head_dim))
         _launch(plan, pointers)
     elif plan.device == CPU:
         k_end = (num_q_heads + num_kv_heads) * head_dim
@@ -764,8 +765,8 @@ def qk_norm_rope(q, k, positions, q_weight, k_weight, cos_sin_cache, *, eps=1e-6
         ptr = plan.pointer
         pointers = (ptr(q), ptr(k), ptr(q_out), ptr(k_out), 0,
                     *_side_pointers(plan, positions, cos_sin_cache, q_weight, k_weight))
-        if out is not None:
-            _recheck_aliasing(plan, pointers, (
+        if out is not None and _ranges_meet(plan, pointers):
+            _recheck_aliasing((
                 ("q", q), ("k", k), ("positions", positions), ("q_weight", q_weight),
                 ("k_weight", k_weight), ("cos_sin_cache", cos_sin_cache), ("out[0]", q_out),
                 ("out[1]", k_out)))

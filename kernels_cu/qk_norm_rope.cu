@@ -29,10 +29,9 @@
 /// \brief Threads per block: the launch's block size (BLOCK_THREADS in cuqk/_jit.py).
 constexpr int BLOCK_THREADS = 256;
 
-/// \brief Floats of one buffer of merged mRoPE rows: the tokens that BLOCK_THREADS / lanes
-/// consecutive heads can span, times rotary_dim, for every supported geometry
-/// (MROPE_ROW_FLOATS in cuqk/_jit.py; a CPU test checks the bound).
-constexpr int MROPE_ROW_FLOATS = 3072;
+/// \brief Floats of one buffer of merged mRoPE rows (MROPE_ROW_FLOATS in cuqk/_jit.py). The
+/// host picks mrope_rounds so that the tokens of a window fit (at least one round always does).
+constexpr int MROPE_ROW_FLOATS = 5120;
 
 /// \brief Element strides of one tensor of heads (see the layout above).
 struct HeadStrides {
@@ -51,7 +50,7 @@ struct QkNormRopeParams {
   long long cache_row_stride, max_position, cache_dtype, weight_dtype;
   long long num_tokens, tokens_inner, num_q_heads, num_k_heads, head_div_magic, head_div_shift;
   long long head_dim, rotary_dim, norm_mode, lanes_log2, rope_first;
-  long long mrope_section0, mrope_section1, mrope_section2, mrope_interleaved;
+  long long mrope_section0, mrope_section1, mrope_section2, mrope_interleaved, mrope_rounds;
   double eps;
 };
 
@@ -211,10 +210,12 @@ __device__ __forceinline__ void rotate_unit(float (&y)[2 * VEC], const float (&c
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool IS_MROPE>
 __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   constexpr int UNIT = 2 * VEC;
-  // Two buffers: the rows of the block's next heads are fetched while it works on the current
-  // ones. Each thread carries MROPE_AHEAD entries across in registers, so their loads overlap
-  // the work; a window with more entries (few heads per token) gathers the rest after it.
-  constexpr int MROPE_AHEAD = 2;
+  // A block works on a window of rounds * heads_per_block consecutive heads between two
+  // barriers (mRoPE needs one per window of rows; the 1-D path needs none). Two buffers: the
+  // rows of the next window are fetched while the block works on the current one. Each thread
+  // carries MROPE_AHEAD entries across in registers, so their loads overlap the work; a window
+  // with more entries (few heads per token) gathers the rest after it.
+  constexpr int MROPE_AHEAD = 3;
   __shared__ __align__(16) float mrope_rows[IS_MROPE ? 2 : 1][IS_MROPE ? MROPE_ROW_FLOATS : 1];
   const int lanes_log2 = static_cast<int>(p.lanes_log2);
   const int lanes = 1 << lanes_log2;
@@ -232,145 +233,153 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   const bool rope_first = p.rope_first != 0;
   const float eps = static_cast<float>(p.eps);
 
+  const unsigned window_heads =
+      (IS_MROPE ? static_cast<unsigned>(p.mrope_rounds) : 1u) * heads_per_block;
   if constexpr (IS_MROPE) {
-    gather_mrope_rows(p, mrope_window(p, blockIdx.x * heads_per_block, heads_per_block, total),
-                      0u, mrope_rows[0]);
+    gather_mrope_rows(p, mrope_window(p, blockIdx.x * window_heads, window_heads, total), 0u,
+                      mrope_rows[0]);
   }
-  // The loop condition is uniform over the block, so every lane reaches group_sum and every
+  // The loop conditions are uniform over the block, so every lane reaches group_sum and every
   // thread the block barrier.
   int buffer = 0;
-  for (unsigned block_item = blockIdx.x * heads_per_block; block_item < total;
-       block_item += gridDim.x * heads_per_block, buffer ^= 1) {
-    const unsigned item = block_item + (threadIdx.x >> lanes_log2);
-    const bool active = item < total;
-    const unsigned token = active ? head_token(item, p) : 0u;
-    const unsigned head = active ? item - token * num_heads : 0u;
-    const bool is_gate = head >= num_qk_heads;
-    const bool is_q = head < num_q_heads || is_gate;
-    const long long h = head < num_q_heads ? head : head - (is_gate ? num_qk_heads : num_q_heads);
-
-    long long outer, inner;
-    split_token(token, p, outer, inner);
-    // Field-by-field selects: a reference to a kernel parameter would copy it to local memory.
-    const HeadStrides in = is_q ? p.q_in_strides : p.k_in_strides;
-    const HeadStrides out = is_q ? p.q_out_strides : p.k_out_strides;
-    const T_IN* src = reinterpret_cast<const T_IN*>(is_q ? p.q_in : p.k_in) +
-                      (outer * in.outer + inner * in.inner + h * in.head) +
-                      (is_gate ? head_dim : 0);
-    T_IN* dst = reinterpret_cast<T_IN*>(is_gate ? p.gate_out : (is_q ? p.q_out : p.k_out)) +
-                (outer * out.outer + inner * out.inner + h * out.head);
-
-    long long pos = token;
-    if (!IS_MROPE && active && p.positions) {
-      const long long off = outer * p.pos_stride_outer + inner * p.pos_stride_inner;
-      pos = p.pos_is_int64 ? reinterpret_cast<const long long*>(p.positions)[off]
-                           : reinterpret_cast<const int*>(p.positions)[off];
-    }
-
-    float x[MAX_UNITS][UNIT];
-#pragma unroll
-    for (int u = 0; u < MAX_UNITS; ++u) {
-      const int k = lane + u * lanes;
-#pragma unroll
-      for (int i = 0; i < UNIT; ++i) x[u][i] = 0.f;
-      if (!active || k >= n_units) continue;
-      int off_a, off_b;
-      if (is_gate) {
-        // Two VEC-wide copies: a unit is only VEC-aligned in the scalar (unaligned) variant.
-        unit_offsets<IS_NEOX, VEC>(k, 0, 0, off_a, off_b);
-        copy_elements<T_IN, VEC>(src + off_a, dst + off_a);
-        copy_elements<T_IN, VEC>(src + off_b, dst + off_b);
-        continue;
-      }
-      unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
-      float va[VEC], vb[VEC];
-      load_as_float<T_IN, VEC>(src + off_a, va);
-      load_as_float<T_IN, VEC>(src + off_b, vb);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        x[u][i] = va[i];
-        x[u][VEC + i] = vb[i];
-      }
-    }
-
-    // The next rows' loads are issued after the head loads, so that their latencies overlap.
-    const float* rows = nullptr;
+  for (unsigned window = blockIdx.x * window_heads; window < total;
+       window += gridDim.x * window_heads, buffer ^= 1) {
     MropeWindow next{};
     float ahead[MROPE_AHEAD];
     bool ahead_ok[MROPE_AHEAD];
+    unsigned window_token = 0;
     if constexpr (IS_MROPE) {
-      next = mrope_window(p, block_item + gridDim.x * heads_per_block, heads_per_block, total);
+      next = mrope_window(p, window + gridDim.x * window_heads, window_heads, total);
 #pragma unroll
       for (int g = 0; g < MROPE_AHEAD; ++g) {
         ahead_ok[g] = mrope_entry(p, next, threadIdx.x + g * BLOCK_THREADS, ahead[g]);
       }
-      // This iteration's rows are complete, and every read of the other buffer is done.
+      // This window's rows are complete, and every read of the other buffer is done.
       __syncthreads();
-      rows = mrope_rows[buffer] + (active ? token - head_token(block_item, p) : 0u) * rotary_dim;
+      window_token = head_token(window, p);
     }
-    const auto cos_sin = [&](int freq, float(&c)[VEC], float(&s)[VEC]) {
-      if constexpr (IS_MROPE) {
-        load_as_float<float, VEC>(rows + freq, c);
-        load_as_float<float, VEC>(rows + rotary_dim / 2 + freq, s);
-      } else {
-        load_cos_sin<VEC>(p, pos, freq, c, s);
+    const unsigned window_end = min(window + window_heads, total);
+    for (unsigned block_item = window; block_item < window_end; block_item += heads_per_block) {
+      const unsigned item = block_item + (threadIdx.x >> lanes_log2);
+      const bool active = item < total;
+      const unsigned token = active ? head_token(item, p) : 0u;
+      const unsigned head = active ? item - token * num_heads : 0u;
+      const bool is_gate = head >= num_qk_heads;
+      const bool is_q = head < num_q_heads || is_gate;
+      const long long h = head < num_q_heads ? head : head - (is_gate ? num_qk_heads : num_q_heads);
+
+      long long outer, inner;
+      split_token(token, p, outer, inner);
+      // Field-by-field selects: a reference to a kernel parameter would copy it to local memory.
+      const HeadStrides in = is_q ? p.q_in_strides : p.k_in_strides;
+      const HeadStrides out = is_q ? p.q_out_strides : p.k_out_strides;
+      const T_IN* src = reinterpret_cast<const T_IN*>(is_q ? p.q_in : p.k_in) +
+                        (outer * in.outer + inner * in.inner + h * in.head) +
+                        (is_gate ? head_dim : 0);
+      T_IN* dst = reinterpret_cast<T_IN*>(is_gate ? p.gate_out : (is_q ? p.q_out : p.k_out)) +
+                  (outer * out.outer + inner * out.inner + h * out.head);
+
+      long long pos = token;
+      if (!IS_MROPE && active && p.positions) {
+        const long long off = outer * p.pos_stride_outer + inner * p.pos_stride_inner;
+        pos = p.pos_is_int64 ? reinterpret_cast<const long long*>(p.positions)[off]
+                             : reinterpret_cast<const int*>(p.positions)[off];
       }
-    };
 
-    float sum_sq = 0.f;
+      float x[MAX_UNITS][UNIT];
 #pragma unroll
-    for (int u = 0; u < MAX_UNITS; ++u) {
-      const int k = lane + u * lanes;
-      if (!active || k >= n_units || is_gate) continue;
-      if (rope_first && k < n_rot_units) {
-        float c[VEC], s[VEC];
-        cos_sin(k * VEC, c, s);
-        rotate_unit<IS_NEOX, VEC>(x[u], c, s);
-      }
+      for (int u = 0; u < MAX_UNITS; ++u) {
+        const int k = lane + u * lanes;
 #pragma unroll
-      for (int i = 0; i < UNIT; ++i) sum_sq += x[u][i] * x[u][i];
-    }
-
-    float scale = 1.f;
-    if (norm_mode != NORM_NONE) {
-      scale = rsqrtf(group_sum(sum_sq, lanes) / static_cast<float>(head_dim) + eps);
-    }
-    const long long weight = is_q ? p.q_weight : p.k_weight;
-
-#pragma unroll
-    for (int u = 0; u < MAX_UNITS; ++u) {
-      const int k = lane + u * lanes;
-      if (!active || k >= n_units || is_gate) continue;
-      int off_a, off_b;
-      unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
-      float y[UNIT];
-#pragma unroll
-      for (int i = 0; i < UNIT; ++i) y[i] = x[u][i] * scale;
-      if (weight != 0 && norm_mode != NORM_NONE) {
-        float wa[VEC], wb[VEC];
-        const void* w = reinterpret_cast<const void*>(weight);
-        load_as_float_dyn<VEC>(w, off_a, static_cast<int>(p.weight_dtype), wa);
-        load_as_float_dyn<VEC>(w, off_b, static_cast<int>(p.weight_dtype), wb);
-        const float shift = norm_mode == NORM_GEMMA ? 1.f : 0.f;
+        for (int i = 0; i < UNIT; ++i) x[u][i] = 0.f;
+        if (!active || k >= n_units) continue;
+        int off_a, off_b;
+        if (is_gate) {
+          // Two VEC-wide copies: a unit is only VEC-aligned in the scalar (unaligned) variant.
+          unit_offsets<IS_NEOX, VEC>(k, 0, 0, off_a, off_b);
+          copy_elements<T_IN, VEC>(src + off_a, dst + off_a);
+          copy_elements<T_IN, VEC>(src + off_b, dst + off_b);
+          continue;
+        }
+        unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
+        float va[VEC], vb[VEC];
+        load_as_float<T_IN, VEC>(src + off_a, va);
+        load_as_float<T_IN, VEC>(src + off_b, vb);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          y[i] *= wa[i] + shift;
-          y[VEC + i] *= wb[i] + shift;
+          x[u][i] = va[i];
+          x[u][VEC + i] = vb[i];
         }
       }
-      if (!rope_first && k < n_rot_units) {
-        float c[VEC], s[VEC];
-        cos_sin(k * VEC, c, s);
-        rotate_unit<IS_NEOX, VEC>(y, c, s);
+
+      const float* rows = nullptr;
+      if constexpr (IS_MROPE) {
+        rows = mrope_rows[buffer] + (active ? token - window_token : 0u) * rotary_dim;
       }
-      float ya[VEC], yb[VEC];
+      const auto cos_sin = [&](int freq, float(&c)[VEC], float(&s)[VEC]) {
+        if constexpr (IS_MROPE) {
+          load_as_float<float, VEC>(rows + freq, c);
+          load_as_float<float, VEC>(rows + rotary_dim / 2 + freq, s);
+        } else {
+          load_cos_sin<VEC>(p, pos, freq, c, s);
+        }
+      };
+
+      float sum_sq = 0.f;
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        ya[i] = y[i];
-        yb[i] = y[VEC + i];
+      for (int u = 0; u < MAX_UNITS; ++u) {
+        const int k = lane + u * lanes;
+        if (!active || k >= n_units || is_gate) continue;
+        if (rope_first && k < n_rot_units) {
+          float c[VEC], s[VEC];
+          cos_sin(k * VEC, c, s);
+          rotate_unit<IS_NEOX, VEC>(x[u], c, s);
+        }
+#pragma unroll
+        for (int i = 0; i < UNIT; ++i) sum_sq += x[u][i] * x[u][i];
       }
-      store_from_float<T_IN, VEC>(dst + off_a, ya);
-      store_from_float<T_IN, VEC>(dst + off_b, yb);
+
+      float scale = 1.f;
+      if (norm_mode != NORM_NONE) {
+        scale = rsqrtf(group_sum(sum_sq, lanes) / static_cast<float>(head_dim) + eps);
+      }
+      const long long weight = is_q ? p.q_weight : p.k_weight;
+
+#pragma unroll
+      for (int u = 0; u < MAX_UNITS; ++u) {
+        const int k = lane + u * lanes;
+        if (!active || k >= n_units || is_gate) continue;
+        int off_a, off_b;
+        unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
+        float y[UNIT];
+#pragma unroll
+        for (int i = 0; i < UNIT; ++i) y[i] = x[u][i] * scale;
+        if (weight != 0 && norm_mode != NORM_NONE) {
+          float wa[VEC], wb[VEC];
+          const void* w = reinterpret_cast<const void*>(weight);
+          load_as_float_dyn<VEC>(w, off_a, static_cast<int>(p.weight_dtype), wa);
+          load_as_float_dyn<VEC>(w, off_b, static_cast<int>(p.weight_dtype), wb);
+          const float shift = norm_mode == NORM_GEMMA ? 1.f : 0.f;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            y[i] *= wa[i] + shift;
+            y[VEC + i] *= wb[i] + shift;
+          }
+        }
+        if (!rope_first && k < n_rot_units) {
+          float c[VEC], s[VEC];
+          cos_sin(k * VEC, c, s);
+          rotate_unit<IS_NEOX, VEC>(y, c, s);
+        }
+        float ya[VEC], yb[VEC];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          ya[i] = y[i];
+          yb[i] = y[VEC + i];
+        }
+        store_from_float<T_IN, VEC>(dst + off_a, ya);
+        store_from_float<T_IN, VEC>(dst + off_b, yb);
+      }
     }
 
     if constexpr (IS_MROPE) {

@@ -84,16 +84,26 @@ def test_fast_division_is_exact_below_2_31(divisor):
 
 
 @pytest.mark.parametrize("dtype", list(_jit.DTYPES))
-def test_mrope_rows_fit_the_shared_buffer_for_every_geometry(dtype):
-    """The tokens a block's heads span, times rotary_dim, fit MROPE_ROW_FLOATS: every head dim,
-    both access widths, the fewest heads per token (one q and one k head)."""
+def test_mrope_windows_fit_the_shared_buffer_for_every_geometry(dtype):
+    """The tokens a window of mrope_rounds rounds of heads spans, times rotary_dim, fit
+    MROPE_ROW_FLOATS: every head dim, both access widths, few and many heads per token."""
     for vec in (_jit.wide_vec(dtype), 1):
         for head_dim in HEAD_DIMS:
             lanes, _ = _jit.lanes_and_units(head_dim, vec)
-            heads_per_block = _jit.BLOCK_THREADS // lanes
-            num_heads = 2
-            tokens = -(-(heads_per_block - 1) // num_heads) + 1
-            assert tokens * head_dim <= _jit.MROPE_ROW_FLOATS, (head_dim, vec)
+            for num_heads in (2, 3, 5, 12, 32, 40, 64, 200):
+                rounds = _jit.mrope_rounds(lanes, num_heads, head_dim)
+                assert 1 <= rounds <= _jit.MROPE_MAX_ROUNDS
+                window = rounds * _jit.BLOCK_THREADS // lanes
+                # Tokens that window consecutive heads can span, from any first head.
+                tokens = max((first + window - 1) // num_heads - first // num_heads + 1
+                             for first in range(num_heads))
+                assert tokens * head_dim <= _jit.MROPE_ROW_FLOATS, (head_dim, vec, num_heads)
+
+
+def test_mrope_rounds_for_model_shapes():
+    assert _jit.mrope_rounds(8, 32, 128) == 4  # Qwen2.5-VL-7B: 28 + 4 heads, D=128
+    assert _jit.mrope_rounds(8, 40, 128) == 4  # Qwen3-VL-8B: 32 + 8 heads
+    assert _jit.mrope_rounds(8, 2, 128) == 2  # one q and one k head: the window is the limit
 
 
 def test_source_inlines_headers_so_the_cache_key_tracks_them(tmp_path, monkeypatch):

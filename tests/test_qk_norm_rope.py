@@ -4,6 +4,7 @@ against the float64 reference on the GPU)."""
 from __future__ import annotations
 
 import itertools
+import sys
 import zlib
 
 import numpy as np
@@ -802,6 +803,43 @@ def test_gpu_aliased_arguments_raise_and_write_nothing():
     q_out, k_out = cuqk.qk_norm_rope(q, q[:, :Hk], pos, None, None, cache)
     torch.cuda.synchronize()
     assert torch.equal(q_out[:, :Hk], k_out)
+
+
+@requires_gpu
+def test_gpu_aliasing_caught_when_a_cached_plan_is_reused():
+    """The second call has the first call's geometry (so its plan), but its weight is a view of
+    qkv: the per-call pointer test must send it to the exact check."""
+    T, Hq, Hk, D = 8, 4, 2, 64
+    qkv = torch.randn(T, (Hq + 2 * Hk) * D, device="cuda")
+    pos = torch.zeros(T, dtype=torch.int64, device="cuda")
+    cache = torch.from_numpy(cos_sin_cache64(16, D)).cuda().float()
+    dims = {"num_q_heads": Hq, "num_kv_heads": Hk, "head_dim": D}
+    cuqk.qk_norm_rope_(qkv, pos, torch.ones(D, device="cuda"), None, cache, **dims)
+    before = qkv.clone()
+    with pytest.raises(ValueError, match="qkv overlaps q_weight"):
+        cuqk.qk_norm_rope_(qkv, pos, qkv[1, :D], None, cache, **dims)
+    # A weight in v's columns is only read next to written heads: allowed.
+    cuqk.qk_norm_rope_(qkv, pos, qkv[1, (Hq + Hk) * D:(Hq + Hk + 1) * D], None, cache, **dims)
+    torch.cuda.synchronize()
+    assert not torch.equal(qkv, before)
+
+
+def test_cpu_pointer_overlap_test_agrees_with_byte_ranges():
+    rng = np.random.default_rng(7)
+    qnr = sys.modules["cuqk.qk_norm_rope"]
+    for _ in range(2000):
+        shapes = [tuple(int(n) for n in rng.integers(0, 5, rng.integers(1, 3))) for _ in range(2)]
+        infos = [cuqk._interop.ArrayInfo("torch", shape, tuple(int(st) for st in
+                                         rng.integers(-3, 9, len(shape))), "float32", 0, 0)
+                 for shape in shapes]
+        pairs = qnr._overlap_pairs([("qkv", infos[0])], [("q_weight", infos[1])],
+                                   {"qkv": 0, "q_weight": 1})
+        plan = qnr._Plan("torch", 0, None, 0, b"", 0, (), None, None, [], (), pairs)
+        pointers = tuple(int(p) for p in rng.integers(4096, 4096 + 256, 2))
+        spans = [qnr._byte_span(inf) for inf in infos]
+        lo = [p + first for p, (first, _) in zip(pointers, spans)]
+        hi = [p + end for p, (_, end) in zip(pointers, spans)]
+        assert qnr._ranges_meet(plan, pointers) == (lo[1] < hi[0] and lo[0] < hi[1])
 
 
 # ============================================================================ new flags on the CPU
