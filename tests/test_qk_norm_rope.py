@@ -649,6 +649,16 @@ def test_gpu_mrope_models():
 
 
 @requires_gpu
+@pytest.mark.parametrize("Hq, Hk, T", [(1, 1, 40000), (3, 2, 9001), (28, 4, 3000)])
+@pytest.mark.parametrize("mrope", ["sectioned", "interleaved"])
+def test_gpu_mrope_windows_across_tokens_and_grid_passes(Hq, Hk, T, mrope):
+    """Few heads per token make a block's window of rows span many tokens (one q and one k
+    head: 33 tokens, more entries than the threads carry ahead); enough tokens that every
+    block works on several windows, whose boundaries fall inside tokens."""
+    run_packed(dtype="bfloat16", T=T, Hq=Hq, Hk=Hk, Hv=1, D=128, mrope=mrope)
+
+
+@requires_gpu
 @pytest.mark.parametrize("is_neox", [True, False])
 def test_gpu_llama4_shape_rope_first_weight_free(is_neox):
     """Llama 4: 40/8 heads, D=128, RoPE then a weight-free RMS norm."""
