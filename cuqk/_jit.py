@@ -268,10 +268,11 @@ PARAMS_SIZE = _PARAMS.size
 
 
 def mrope_rounds(lanes: int, num_heads: int, rotary_dim: int) -> int:
-    """Rounds per mRoPE window: the most, up to MROPE_MAX_ROUNDS, whose window of
+    """Most rounds per mRoPE window, up to MROPE_MAX_ROUNDS, whose window of
     ``rounds * BLOCK_THREADS // lanes`` consecutive heads spans few enough tokens that their
-    rows fit MROPE_ROW_FLOATS. Fewer barriers per head measured faster (Qwen3-VL shape, bf16,
-    T=8192: 66% of copy with one round per window, 83% with two)."""
+    rows fit MROPE_ROW_FLOATS; the kernel uses fewer when there are too few heads to give every
+    block a window. Fewer barriers per head measured faster (Qwen3-VL shape, bf16, T=8192: 66%
+    of copy with one round per window, 83% with two, 84% with four)."""
     rounds = 1
     for r in range(2, MROPE_MAX_ROUNDS + 1):
         window = r * BLOCK_THREADS // lanes

@@ -30,7 +30,7 @@
 constexpr int BLOCK_THREADS = 256;
 
 /// \brief Floats of one buffer of merged mRoPE rows (MROPE_ROW_FLOATS in cuqk/_jit.py). The
-/// host picks mrope_rounds so that the tokens of a window fit (at least one round always does).
+/// host's mrope_rounds is the most rounds whose window's tokens fit (one round always does).
 constexpr int MROPE_ROW_FLOATS = 5120;
 
 /// \brief Element strides of one tensor of heads (see the layout above).
@@ -233,8 +233,15 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   const bool rope_first = p.rope_first != 0;
   const float eps = static_cast<float>(p.eps);
 
-  const unsigned window_heads =
-      (IS_MROPE ? static_cast<unsigned>(p.mrope_rounds) : 1u) * heads_per_block;
+  // Up to the host's mrope_rounds (what fits the buffer), as many rounds as still leave about
+  // one window per block: at small T more rounds would only serialise heads that other blocks
+  // could take.
+  unsigned rounds = 1;
+  if (IS_MROPE) {
+    const unsigned windows = (total + heads_per_block - 1) / heads_per_block;
+    rounds = max(1u, min(static_cast<unsigned>(p.mrope_rounds), windows * 10u / (gridDim.x * 9u)));
+  }
+  const unsigned window_heads = rounds * heads_per_block;
   if constexpr (IS_MROPE) {
     gather_mrope_rows(p, mrope_window(p, blockIdx.x * window_heads, window_heads, total), 0u,
                       mrope_rows[0]);
