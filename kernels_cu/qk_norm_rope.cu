@@ -21,9 +21,10 @@
 //
 // Multimodal RoPE (IS_MROPE). Each token has three positions (temporal, height, width), one per
 // row of positions (pos_stride_section apart); frequency j reads the cache row of position
-// mrope_section_of(j). Every head of a token needs the same merged row, so each block first
-// gathers the merged rows of the tokens its current heads belong to into shared memory; the
-// per-head work then reads them like the 1-D path reads its one cache row.
+// mrope_section_of(j). Every head of a token needs the same merged row, so a block gathers the
+// merged rows of the tokens of a window of its heads into shared memory (those of the next
+// window while it works on the current one); the per-head work then reads them like the 1-D
+// path reads its one cache row.
 #include "common.cuh"
 
 /// \brief Threads per block: the launch's block size (BLOCK_THREADS in cuqk/_jit.py).
@@ -124,15 +125,16 @@ __device__ __forceinline__ void load_cos_sin(const QkNormRopeParams& p, long lon
   }
 }
 
-/// \brief The merged mRoPE rows a block needs while it works on heads [first_item, +count):
-/// tokens [first_token, first_token + n_tokens), laid out as cache rows, one entry per
-/// (token t, column col) at index t << col_bits | col (columns padded to a power of two, so
-/// entries need no division).
+/// \brief The merged mRoPE rows a block needs for a window of heads (mrope_window): those of
+/// the tokens from first_token on, laid out as cache rows. Entry e = t << col_bits | col is
+/// column col of token first_token + t; columns are padded to a power of two so that entries
+/// need no division, and entries counts them, padding included.
 struct MropeWindow {
   unsigned first_token, entries;
   int col_bits;
 };
 
+/// \brief The window of heads [first_item, first_item + count) (empty past the last head).
 __device__ __forceinline__ MropeWindow mrope_window(const QkNormRopeParams& p, unsigned first_item,
                                                     unsigned count, unsigned total) {
   MropeWindow w{0u, 0u, 32 - __clz(static_cast<int>(p.rotary_dim) - 1)};
