@@ -402,8 +402,8 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   }
 }
 
-/// \brief 1-D RoPE. The default register allocation (57 registers for 16-bit data) fits 4 blocks
-/// of 256 threads per SM; bounded to 5 blocks (48 registers and spills) it ran slower.
+/// \brief 1-D RoPE. The default register allocation (52-57 registers for 16-bit data) fits 4
+/// blocks of 256 threads per SM; bounded to 5 blocks (48 registers and spills) it ran slower.
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS>
 __global__ void __launch_bounds__(BLOCK_THREADS) qk_norm_rope_kernel(const QkNormRopeParams p) {
   norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, false>(p);
@@ -411,7 +411,8 @@ __global__ void __launch_bounds__(BLOCK_THREADS) qk_norm_rope_kernel(const QkNor
 
 /// \brief Multimodal RoPE: the 1-D work on rows gathered into shared memory per block. Left
 /// alone, the scalar (VEC=1) instances hoist their shared-memory loads and take 125 registers;
-/// bounded to 4 blocks per SM, every instance fits in 52-56 without spilling.
+/// bounded to 4 blocks per SM the others take 56-62 registers, the scalar GPT-J instances 64
+/// with about 100 bytes of spills (the unaligned path, slow for other reasons).
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS>
 __global__ void __launch_bounds__(BLOCK_THREADS, 4) qk_norm_mrope_kernel(const QkNormRopeParams p) {
   norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true>(p);
