@@ -43,6 +43,14 @@ def test_unfused_baseline_matches_reference(name):
         assert_matches(g.double().numpy(), np.asarray(w), "float32", name)
 
 
+def test_cli_parses_shared_positions_and_lists():
+    args = bench._parse_args(["bench", "--shared-positions", "--configs", "qwen3-8b,d256",
+                              "--sizes", "1,16"])
+    assert args.shared_positions and args.configs == ("qwen3-8b", "d256")
+    assert args.sizes == (1, 16)
+    assert not bench._parse_args([]).shared_positions
+
+
 @requires_gpu
 @pytest.mark.parametrize("shared", [False, True])
 def test_gpu_bench_times_every_provider_and_shares_positions_on_request(shared):
