@@ -282,7 +282,7 @@ def mrope_rounds(lanes: int, num_heads: int, rotary_dim: int) -> int:
 
 
 def fast_division(divisor: int) -> tuple[int, int]:
-    """``(magic, shift)`` with ``n // divisor == (n * magic) >> shift`` for every ``0 <= n < 2**31``.
+    """``(magic, shift)`` with ``n // divisor == (n * magic) >> shift`` for all ``0 <= n < 2**31``.
 
     ``shift = 31 + ceil(log2(divisor))`` and ``magic = ceil(2**shift / divisor)`` (below 2**32):
     the error ``magic * divisor - 2**shift`` is under ``divisor``, so it adds less than

@@ -217,11 +217,11 @@ def provider_calls(provider, cfg, dtype, tokens, compiled, rotate,
     cache = rope_cache(cfg.rotary_dim)
     position_shape = (3, tokens) if cfg.mrope_section else (tokens,)
     calls = []
-    positions = torch.randint(0, MAX_POS, position_shape, device="cuda")
+    shared = torch.randint(0, MAX_POS, position_shape, device="cuda") if shared_positions else None
     for _ in range(rotation_count(tokens * (sum(widths) * dtype.itemsize + 8), rotate)):
         activations = [activation_rows(tokens, w, dtype, cfg.unaligned, "cuda") for w in widths]
-        if not shared_positions:
-            positions = torch.randint(0, MAX_POS, position_shape, device="cuda")
+        positions = shared if shared is not None else torch.randint(
+            0, MAX_POS, position_shape, device="cuda")
         calls.append(functools.partial(op, *activations, positions, *weights, cache, **kwargs))
     return calls
 

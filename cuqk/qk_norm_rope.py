@@ -302,12 +302,13 @@ def _check_no_overlap(written, read):
 
 
 def _overlap_pairs(written, read, index):
-    """For each (written array, other present array) pair: (written pointer index, other
-    pointer index, lo, hi), where their byte ranges meet iff lo < written ptr - other ptr < hi."""
+    """For each pair of a written array and another present array (a later written one or a
+    read one, so no pair twice): (written pointer index, other pointer index, lo, hi), where
+    their byte ranges meet iff lo < written ptr - other ptr < hi."""
     pairs = []
-    for w_name, w_info in written:
+    for i, (w_name, w_info) in enumerate(written):
         w_first, w_end = _byte_span(w_info)
-        for r_name, r_info in read:
+        for r_name, r_info in written[i + 1:] + read:
             if r_info is not None and index[r_name] != index[w_name]:
                 r_first, r_end = _byte_span(r_info)
                 pairs.append((index[w_name], index[r_name], r_first - w_end, r_end - w_first))
@@ -540,7 +541,7 @@ def _plan_split(q, k, positions, q_weight, k_weight, cache, eps, is_neox, rotary
     if out is None:
         return plan
     written, read = _split_aliases(infos)
-    return plan._replace(overlap_pairs=_overlap_pairs(written, written + read, _POINTER_INDEX))
+    return plan._replace(overlap_pairs=_overlap_pairs(written, read, _POINTER_INDEX))
 
 
 def _split_aliases(infos):

@@ -852,6 +852,16 @@ def test_cpu_pointer_overlap_test_agrees_with_byte_ranges():
         assert qnr._ranges_meet(plan, pointers) == (lo[1] < hi[0] and lo[0] < hi[1])
 
 
+
+def test_cpu_overlap_pairs_take_each_pair_once():
+    qnr = sys.modules["cuqk.qk_norm_rope"]
+    info = cuqk._interop.ArrayInfo("torch", (4, 8), (8, 1), "float32", 0, 0)
+    index = {"out[0]": 2, "out[1]": 3, "q": 0, "q_weight": 7}
+    pairs = qnr._overlap_pairs([("out[0]", info), ("out[1]", info)],
+                               [("q", info), ("q_weight", None)], index)
+    assert [(w, r) for w, r, _, _ in pairs] == [(2, 3), (2, 0), (3, 0)]
+
+
 # ============================================================================ new flags on the CPU
 
 
