@@ -92,13 +92,6 @@ def cmd_precompile(_args) -> int:
     return 0
 
 
-def _variant_case(variant):
-    """Geometry that makes the dispatcher pick ``variant``: (head_dim, misaligned)."""
-    misaligned = variant.vec == 1
-    head_dim = 512 if variant.max_units > 1 else 128
-    return head_dim, misaligned
-
-
 def _gpu_array(values, dtype):
     """``values`` on the GPU in ``dtype`` (torch for bfloat16, which CuPy lacks), and a float64
     NumPy copy of exactly what was stored. None if bfloat16 is asked for without torch."""
