@@ -78,26 +78,33 @@ def source_fingerprint(family: str) -> str:
 
 @dataclass(frozen=True)
 class Variant:
-    """One template instance of ``qk_norm_rope_kernel`` (``qk_norm_mrope_kernel`` for mRoPE)."""
+    """One template instance of ``qk_norm_rope_kernel`` (``qk_norm_mrope_kernel`` for mRoPE).
+
+    ``aligned=False``: a wide instance for q and k that are only element-aligned (views that
+    start mid-vector); each access then follows its address's alignment."""
 
     dtype: str
     is_neox: bool
     vec: int
     max_units: int
     is_mrope: bool = False
+    aligned: bool = True
 
     @property
     def name(self) -> str:
         style = "neox" if self.is_neox else "gptj"
         mrope = "_mrope" if self.is_mrope else ""
-        return f"qk_norm_rope_{self.dtype}_{style}_vec{self.vec}_units{self.max_units}{mrope}"
+        realign = "" if self.aligned else "_realign"
+        return (f"qk_norm_rope_{self.dtype}_{style}_vec{self.vec}_units{self.max_units}{mrope}"
+                f"{realign}")
 
     @property
     def expression(self) -> str:
         ctype = DTYPES[self.dtype][0]
         neox = "true" if self.is_neox else "false"
         kernel = "qk_norm_mrope_kernel" if self.is_mrope else "qk_norm_rope_kernel"
-        return f"{kernel}<{ctype}, {neox}, {self.vec}, {self.max_units}>"
+        aligned = "true" if self.aligned else "false"
+        return f"{kernel}<{ctype}, {neox}, {self.vec}, {self.max_units}, {aligned}>"
 
 
 def wide_vec(dtype: str) -> int:
@@ -117,7 +124,8 @@ def _build_variants() -> tuple[Variant, ...]:
             for is_neox in (True, False):
                 vec = wide_vec(dtype)
                 for units in (1, 2) if dtype == "float32" else (1,):
-                    out.append(Variant(dtype, is_neox, vec, units, is_mrope))
+                    for aligned in (True, False):
+                        out.append(Variant(dtype, is_neox, vec, units, is_mrope, aligned))
                 out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS, is_mrope))
     return tuple(out)
 
@@ -125,7 +133,7 @@ def _build_variants() -> tuple[Variant, ...]:
 VARIANTS = _build_variants()
 _BY_KEY = {}
 for _v in VARIANTS:
-    _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec, _v.is_mrope), []).append(_v)
+    _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec, _v.is_mrope, _v.aligned), []).append(_v)
 
 
 def lanes_and_units(head_dim: int, vec: int) -> tuple[int, int]:
@@ -136,9 +144,10 @@ def lanes_and_units(head_dim: int, vec: int) -> tuple[int, int]:
 
 
 def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int,
-                   is_mrope: bool = False) -> Variant:
-    """The smallest instance that holds ``units_per_lane``; ValueError if none does."""
-    for variant in _BY_KEY.get((dtype, is_neox, vec, is_mrope), ()):
+                   is_mrope: bool = False, aligned: bool = True) -> Variant:
+    """The smallest instance that holds ``units_per_lane``; ValueError if none does. The scalar
+    instances (``vec=1``) take any alignment and exist only as ``aligned=True``."""
+    for variant in _BY_KEY.get((dtype, is_neox, vec, is_mrope, aligned or vec == 1), ()):
         if variant.max_units >= units_per_lane:
             return variant
     supported = sorted({(v.dtype, v.vec, v.max_units) for v in VARIANTS})

@@ -121,7 +121,10 @@ def _selftest_gpu_variant(variant, rng):
     from .qk_norm_rope import _plan_packed, qk_norm_rope_
 
     head_dim = 512 if variant.max_units > 1 else 128
-    offset = 1 if variant.vec == 1 else 0  # a misaligned view selects the scalar variant
+    # A view one element in selects the realigning or the scalar instance; a cache one element
+    # off a 16-byte boundary then selects the scalar one.
+    offset = 0 if variant.aligned and variant.vec > 1 else 1
+    cache_offset = 1 if variant.vec == 1 else 0
     T, hq, hk, hv, max_pos = 37, 4, 2, 1, 256
     width = (hq + hk + hv) * head_dim
     flat, flat64 = _gpu_array(rng.standard_normal(T * width + offset), variant.dtype)
@@ -135,12 +138,15 @@ def _selftest_gpu_variant(variant, rng):
     positions_host = rng.integers(0, max_pos, (3, T) if variant.is_mrope else T)
     positions, _ = _gpu_array(positions_host, "int64")
     cache_host = rope_cos_sin_cache(max_pos, head_dim)
-    cache, cache64 = _gpu_array(cache_host, "float32")
+    cache_flat, cache64 = _gpu_array(np.concatenate([np.zeros(cache_offset, np.float32),
+                                                     cache_host.reshape(-1)]), "float32")
     if variant.dtype == "bfloat16":  # keep one framework per call
         import torch
 
         positions = torch.from_numpy(positions_host).cuda()
-        cache = torch.from_numpy(cache64.astype(np.float32)).cuda()
+        cache_flat = torch.from_numpy(cache64.astype(np.float32)).cuda()
+    cache = cache_flat[cache_offset:].reshape(max_pos, head_dim)
+    cache64 = cache64[cache_offset:].reshape(max_pos, head_dim)
     args = (qkv, positions, None, None, cache)
     chosen = _plan_packed(*args, hq, hk, head_dim, hv, 1e-6, variant.is_neox, None, "rms",
                           False, mrope.get("mrope_section"), False).variant

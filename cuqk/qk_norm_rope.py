@@ -363,11 +363,14 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         _aligned(a.ptr, min(16, vec * _jit.DTYPES[a.dtype][1])) for a in (q_weight, k_weight, cache)
         if a is not None
     ]
-    if not (data_ok and all(side_ok) and rotary_dim % (2 * vec) == 0
-            and cache.strides[0] % vec == 0):
+    # q and k views that start mid-vector keep the wide instance with accesses that follow
+    # each address (qwen3-8b-unaligned); misaligned weights or cache rows, or a rotary_dim
+    # that splits a vector, take the element-wise one.
+    if not (all(side_ok) and rotary_dim % (2 * vec) == 0 and cache.strides[0] % vec == 0):
         vec = 1
     lanes, units = _jit.lanes_and_units(head_dim, vec)
-    variant = _jit.select_variant(act_dtype, is_neox, vec, units, mrope_section is not None)
+    variant = _jit.select_variant(act_dtype, is_neox, vec, units, mrope_section is not None,
+                                  aligned=data_ok)
 
     sections = tuple(mrope_section) if mrope_section is not None else (0, 0, 0)
     statics = {

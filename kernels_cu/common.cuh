@@ -38,17 +38,17 @@ __device__ __forceinline__ cuqk_u16 float_to_u16(float f, f16_t) {
   return h;
 }
 
-/// \brief Loads N consecutive 32-bit words with the widest access their count allows.
-/// \tparam N words; the pointer must be aligned to the access width (checked on the host).
-template <int N>
-__device__ __forceinline__ void load_words(const void* ptr, cuqk_u32 (&w)[N]) {
-  if constexpr (N % 4 == 0) {
+/// \brief Loads N consecutive 32-bit words in accesses of WORDS words (1, 2 or 4, dividing N);
+/// the pointer must be aligned to the access width.
+template <int N, int WORDS>
+__device__ __forceinline__ void load_words_by(const void* ptr, cuqk_u32 (&w)[N]) {
+  if constexpr (WORDS == 4) {
 #pragma unroll
     for (int i = 0; i < N / 4; ++i) {
       const U32x4 v = reinterpret_cast<const U32x4*>(ptr)[i];
       w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
     }
-  } else if constexpr (N % 2 == 0) {
+  } else if constexpr (WORDS == 2) {
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) {
       const U32x2 v = reinterpret_cast<const U32x2*>(ptr)[i];
@@ -60,14 +60,14 @@ __device__ __forceinline__ void load_words(const void* ptr, cuqk_u32 (&w)[N]) {
   }
 }
 
-template <int N>
-__device__ __forceinline__ void store_words(void* ptr, const cuqk_u32 (&w)[N]) {
-  if constexpr (N % 4 == 0) {
+template <int N, int WORDS>
+__device__ __forceinline__ void store_words_by(void* ptr, const cuqk_u32 (&w)[N]) {
+  if constexpr (WORDS == 4) {
 #pragma unroll
     for (int i = 0; i < N / 4; ++i) {
       reinterpret_cast<U32x4*>(ptr)[i] = U32x4{w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]};
     }
-  } else if constexpr (N % 2 == 0) {
+  } else if constexpr (WORDS == 2) {
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) {
       reinterpret_cast<U32x2*>(ptr)[i] = U32x2{w[2 * i], w[2 * i + 1]};
@@ -78,18 +78,75 @@ __device__ __forceinline__ void store_words(void* ptr, const cuqk_u32 (&w)[N]) {
   }
 }
 
+/// \brief The widest access (in words) that N words allow.
+template <int N>
+__device__ constexpr int widest_words() {
+  return N % 4 == 0 ? 4 : (N % 2 == 0 ? 2 : 1);
+}
+
+/// \brief Loads N consecutive 32-bit words.
+/// \tparam ALIGNED the pointer is aligned to the widest access N allows (checked on the host);
+/// otherwise it is only 2-byte aligned, and the access width follows the address at run time:
+/// a pointer 2 bytes past a word boundary reads a 16-bit half, N - 1 words and a 16-bit half.
+/// Never a byte outside the N words: the reads stay inside the array.
+template <int N, bool ALIGNED = true>
+__device__ __forceinline__ void load_words(const void* ptr, cuqk_u32 (&w)[N]) {
+  const unsigned addr = static_cast<unsigned>(reinterpret_cast<unsigned long long>(ptr));
+  if (ALIGNED || (widest_words<N>() == 4 && (addr & 15u) == 0)) {
+    load_words_by<N, widest_words<N>()>(ptr, w);
+  } else if (widest_words<N>() >= 2 && (addr & 7u) == 0) {
+    load_words_by<N, (widest_words<N>() >= 2 ? 2 : 1)>(ptr, w);
+  } else if ((addr & 3u) == 0) {
+    load_words_by<N, 1>(ptr, w);
+  } else {
+    const cuqk_u16* halves = static_cast<const cuqk_u16*>(ptr);
+    const cuqk_u32* words = reinterpret_cast<const cuqk_u32*>(halves + 1);
+    cuqk_u32 low = halves[0];
+#pragma unroll
+    for (int i = 0; i < N - 1; ++i) {
+      const cuqk_u32 word = words[i];
+      w[i] = low | (word << 16);
+      low = word >> 16;
+    }
+    w[N - 1] = low | (static_cast<cuqk_u32>(halves[2 * N - 1]) << 16);
+  }
+}
+
+/// \brief Stores N consecutive 32-bit words; ALIGNED as in load_words. Never a byte outside
+/// the N words: neighbouring elements, which other threads may be writing, are not touched.
+template <int N, bool ALIGNED = true>
+__device__ __forceinline__ void store_words(void* ptr, const cuqk_u32 (&w)[N]) {
+  const unsigned addr = static_cast<unsigned>(reinterpret_cast<unsigned long long>(ptr));
+  if (ALIGNED || (widest_words<N>() == 4 && (addr & 15u) == 0)) {
+    store_words_by<N, widest_words<N>()>(ptr, w);
+  } else if (widest_words<N>() >= 2 && (addr & 7u) == 0) {
+    store_words_by<N, (widest_words<N>() >= 2 ? 2 : 1)>(ptr, w);
+  } else if ((addr & 3u) == 0) {
+    store_words_by<N, 1>(ptr, w);
+  } else {
+    cuqk_u16* halves = static_cast<cuqk_u16*>(ptr);
+    cuqk_u32* words = reinterpret_cast<cuqk_u32*>(halves + 1);
+    halves[0] = static_cast<cuqk_u16>(w[0] & 0xffffu);
+#pragma unroll
+    for (int i = 0; i < N - 1; ++i) words[i] = (w[i] >> 16) | (w[i + 1] << 16);
+    halves[2 * N - 1] = static_cast<cuqk_u16>(w[N - 1] >> 16);
+  }
+}
+
 /// \brief Loads N consecutive elements of storage type T and widens them to float32.
-/// \tparam T float, bf16_t or f16_t. The pointer is aligned to N * sizeof(T) bytes (at most 16).
-template <typename T, int N>
+/// \tparam T float, bf16_t or f16_t.
+/// \tparam ALIGNED the pointer is aligned to N * sizeof(T) bytes (at most 16); otherwise only
+/// to the element (see load_words).
+template <typename T, int N, bool ALIGNED = true>
 __device__ __forceinline__ void load_as_float(const T* ptr, float (&out)[N]) {
   if constexpr (sizeof(T) == 4) {
     cuqk_u32 w[N];
-    load_words<N>(ptr, w);
+    load_words<N, ALIGNED>(ptr, w);
 #pragma unroll
     for (int i = 0; i < N; ++i) out[i] = __uint_as_float(w[i]);
   } else if constexpr (N % 2 == 0) {
     cuqk_u32 w[N / 2];
-    load_words<N / 2>(ptr, w);
+    load_words<N / 2, ALIGNED>(ptr, w);
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) {
       out[2 * i] = u16_to_float(static_cast<cuqk_u16>(w[i] & 0xffffu), T{});
@@ -103,14 +160,15 @@ __device__ __forceinline__ void load_as_float(const T* ptr, float (&out)[N]) {
   }
 }
 
-/// \brief Rounds N float32 values to storage type T once and stores them.
-template <typename T, int N>
+/// \brief Rounds N float32 values to storage type T once and stores them (ALIGNED as in
+/// load_as_float).
+template <typename T, int N, bool ALIGNED = true>
 __device__ __forceinline__ void store_from_float(T* ptr, const float (&in)[N]) {
   if constexpr (sizeof(T) == 4) {
     cuqk_u32 w[N];
 #pragma unroll
     for (int i = 0; i < N; ++i) w[i] = __float_as_uint(in[i]);
-    store_words<N>(ptr, w);
+    store_words<N, ALIGNED>(ptr, w);
   } else if constexpr (N % 2 == 0) {
     cuqk_u32 w[N / 2];
 #pragma unroll
@@ -118,20 +176,21 @@ __device__ __forceinline__ void store_from_float(T* ptr, const float (&in)[N]) {
       w[i] = static_cast<cuqk_u32>(float_to_u16(in[2 * i], T{})) |
              (static_cast<cuqk_u32>(float_to_u16(in[2 * i + 1], T{})) << 16);
     }
-    store_words<N / 2>(ptr, w);
+    store_words<N / 2, ALIGNED>(ptr, w);
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) reinterpret_cast<cuqk_u16*>(ptr)[i] = float_to_u16(in[i], T{});
   }
 }
 
-/// \brief Copies N elements of storage type T bit for bit (NaN payloads included).
-template <typename T, int N>
+/// \brief Copies N elements of storage type T bit for bit (NaN payloads included; ALIGNED as
+/// in load_as_float).
+template <typename T, int N, bool ALIGNED = true>
 __device__ __forceinline__ void copy_elements(const T* src, T* dst) {
   if constexpr ((N * sizeof(T)) % 4 == 0) {
     cuqk_u32 w[N * sizeof(T) / 4];
-    load_words<N * sizeof(T) / 4>(src, w);
-    store_words<N * sizeof(T) / 4>(dst, w);
+    load_words<N * sizeof(T) / 4, ALIGNED>(src, w);
+    store_words<N * sizeof(T) / 4, ALIGNED>(dst, w);
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) {

@@ -205,11 +205,13 @@ __device__ __forceinline__ void rotate_unit(float (&y)[2 * VEC], const float (&c
 /// \tparam VEC       elements per vector access: 16 bytes' worth, or 1 for unaligned data
 /// \tparam MAX_UNITS units per lane the register arrays hold (ceil(units per head / LANES))
 /// \tparam IS_MROPE  three positions per token, frequencies split between them
+/// \tparam ALIGNED   q, k and their outputs are 16-byte aligned at every vector; otherwise each
+///                   access follows its address's alignment (views that start mid-vector)
 ///
 /// The host launches at most as many blocks as are resident at once, and each group strides
 /// over the heads: no block slot waits for the slowest warp of a finished block before the
 /// next block starts.
-template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool IS_MROPE>
+template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool IS_MROPE, bool ALIGNED>
 __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   constexpr int UNIT = 2 * VEC;
   // A block works on a window of rounds * heads_per_block consecutive heads between two
@@ -306,14 +308,14 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
         if (is_gate) {
           // Two VEC-wide copies: a unit is only VEC-aligned in the scalar (unaligned) variant.
           unit_offsets<IS_NEOX, VEC>(k, 0, 0, off_a, off_b);
-          copy_elements<T_IN, VEC>(src + off_a, dst + off_a);
-          copy_elements<T_IN, VEC>(src + off_b, dst + off_b);
+          copy_elements<T_IN, VEC, ALIGNED>(src + off_a, dst + off_a);
+          copy_elements<T_IN, VEC, ALIGNED>(src + off_b, dst + off_b);
           continue;
         }
         unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
         float va[VEC], vb[VEC];
-        load_as_float<T_IN, VEC>(src + off_a, va);
-        load_as_float<T_IN, VEC>(src + off_b, vb);
+        load_as_float<T_IN, VEC, ALIGNED>(src + off_a, va);
+        load_as_float<T_IN, VEC, ALIGNED>(src + off_b, vb);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
           x[u][i] = va[i];
@@ -386,8 +388,8 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           ya[i] = y[i];
           yb[i] = y[VEC + i];
         }
-        store_from_float<T_IN, VEC>(dst + off_a, ya);
-        store_from_float<T_IN, VEC>(dst + off_b, yb);
+        store_from_float<T_IN, VEC, ALIGNED>(dst + off_a, ya);
+        store_from_float<T_IN, VEC, ALIGNED>(dst + off_b, yb);
       }
     }
 
@@ -404,16 +406,17 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
 
 /// \brief 1-D RoPE. The default register allocation (52-57 registers for 16-bit data) fits 4
 /// blocks of 256 threads per SM; bounded to 5 blocks (48 registers and spills) it ran slower.
-template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS>
+template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED>
 __global__ void __launch_bounds__(BLOCK_THREADS) qk_norm_rope_kernel(const QkNormRopeParams p) {
-  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, false>(p);
+  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, false, ALIGNED>(p);
 }
 
 /// \brief Multimodal RoPE: the 1-D work on rows gathered into shared memory per block. Left
 /// alone, the scalar (VEC=1) instances hoist their shared-memory loads and take 125 registers;
 /// bounded to 4 blocks per SM the others take 56-62 registers, the scalar GPT-J instances 64
 /// with about 100 bytes of spills (the unaligned path, slow for other reasons).
-template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS>
-__global__ void __launch_bounds__(BLOCK_THREADS, 4) qk_norm_mrope_kernel(const QkNormRopeParams p) {
-  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true>(p);
+template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED>
+__global__ void __launch_bounds__(BLOCK_THREADS, 4)
+    qk_norm_mrope_kernel(const QkNormRopeParams p) {
+  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true, ALIGNED>(p);
 }

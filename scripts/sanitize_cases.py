@@ -48,6 +48,7 @@ class Case:
     mrope: str = ""  # "", "sectioned" or "interleaved"
     rope_first: bool = False
     offset: int = 0  # elements from the allocation's start to the data; 1 misaligns it
+    side_offset: int = 0  # the same for the weights (1: the scalar instances)
     row_pad: int = 0  # spare elements after each row (strided rows)
     out: str = ""  # split op: "" (allocated), "strided" (padded views) or "in place"
 
@@ -85,7 +86,8 @@ def _side_inputs(case):
         q_weight = k_weight = None
     else:
         w_dtype = case.dtype if case.weights == "same" else case.weights
-        q_weight, k_weight = (device_tensor((case.head_dim,), w_dtype) for _ in range(2))
+        q_weight, k_weight = (device_tensor((case.head_dim,), w_dtype, offset=case.side_offset)
+                              for _ in range(2))
     section = None
     if case.mrope:
         half = rotary // 2
@@ -133,12 +135,14 @@ def _largest_head_dim(variant) -> int:
 
 
 def variant_cases():
-    """Each variant through each op: wide variants get aligned data, scalar ones a view one
-    element in."""
+    """Each variant through each op: aligned wide variants get aligned data, realigning ones a
+    view one element in, scalar ones that and weights one element in."""
     for v in _jit.VARIANTS:
         for op in ("packed", "split", "gate"):
             yield Case(f"{v.name} {op}", op=op, dtype=v.dtype, lead=(3,), is_neox=v.is_neox,
-                       head_dim=_largest_head_dim(v), offset=0 if v.vec > 1 else 1,
+                       head_dim=_largest_head_dim(v),
+                       offset=0 if v.aligned and v.vec > 1 else 1,
+                       side_offset=1 if v.vec == 1 else 0,
                        mrope="sectioned" if v.is_mrope else "")
 
 
@@ -174,7 +178,7 @@ def edge_cases():
         Case("norm none, no weights", dtype="float16", norm="none", weights="none"),
         Case("bfloat16 cache, float16 data", dtype="float16", cache_dtype="bfloat16"),
         Case("float16 cache, float32 data, scalar", dtype="float32", cache_dtype="float16",
-             offset=1),
+             offset=1, side_offset=1),
         Case("mRoPE sectioned, 2-D leading dims", lead=(2, 3), mrope="sectioned"),
         Case("mRoPE interleaved (Qwen3-VL)", lead=(5,), head_dim=128, mrope="interleaved"),
         Case("mRoPE interleaved, misaligned, partial rotary", dtype="float16", head_dim=128,

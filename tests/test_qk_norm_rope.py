@@ -199,6 +199,14 @@ _VIEWS = {
 }
 
 
+# Views that start 1 to 7 elements past a 16-byte boundary, rows one element longer than
+# the data, so each row starts at a different misalignment (the realigning instances).
+for _shift in range(1, 8):
+    _BUFFER_SHAPES[f"shifted{_shift}"] = lambda T, W, s=_shift: (T * (W + 1) + s,)
+    _VIEWS[f"shifted{_shift}"] = lambda b, T, W, s=_shift: b[s:s + T * (W + 1)].view(
+        T, W + 1)[:, :W]
+
+
 def _packed_view(T, width, dtype, layout, gen):
     """A qkv view of ``layout`` inside a NaN-poisoned buffer, filled with N(0, 1) values.
 
@@ -759,6 +767,42 @@ def test_gpu_gate_flags(extra):
 def test_gpu_gate_qwen35_shape(T):
     """Qwen3.5 / Qwen3-Next: 16 q heads with gates, 2 kv heads, D=256, rotary 64."""
     run_gate(T=T, Hq=16, Hk=2, D=256, rotary=64)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shift", range(1, 8))
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_gpu_views_off_the_vector_grid_every_shift(dtype, shift, is_neox):
+    """Every start offset within 16 bytes and every row misalignment (odd row stride): the
+    realigning instance, checked against the reference, nothing written outside q and k."""
+    if dtype == "float32" and shift >= 4:
+        pytest.skip("float32 has 4 shifts within 16 bytes")
+    run_packed(dtype=dtype, layout=f"shifted{shift}", is_neox=is_neox, T=45, D=128, Hq=5,
+               Hk=2, Hv=1)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_dispatch_realigns_views_and_keeps_scalar_for_misaligned_weights(dtype):
+    qnr = sys.modules["cuqk.qk_norm_rope"]
+    T, Hq, Hk, D = 8, 4, 2, 128
+    width = (Hq + 2 * Hk) * D
+    flat = torch.randn(T * width + 1, device="cuda").to(TORCH_DTYPES[dtype])
+    pos = torch.zeros(T, dtype=torch.int64, device="cuda")
+    cache = torch.from_numpy(cos_sin_cache64(16, D)).cuda().float()
+    weight_buf = torch.ones(D + 1, device="cuda").to(TORCH_DTYPES[dtype])
+
+    def chosen(qkv, weight):
+        return qnr._plan_packed(qkv, pos, weight, weight, cache, Hq, Hk, D, Hk, 1e-6, True,
+                                None, "rms", False, None, False).variant
+
+    aligned = chosen(flat[:-1].view(T, width), weight_buf[:D])
+    realign = chosen(flat[1:].view(T, width), weight_buf[:D])
+    scalar = chosen(flat[1:].view(T, width), weight_buf[1:])
+    assert aligned.aligned and aligned.vec > 1
+    assert not realign.aligned and realign.vec == aligned.vec
+    assert scalar.vec == 1
 
 
 # ============================================================================ out= and aliasing
