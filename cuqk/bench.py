@@ -327,7 +327,7 @@ def bench(configs=None, dtypes=DTYPES, sizes=SIZES, providers=PROVIDERS, rotate=
     result = {"device": torch.cuda.get_device_name(), "versions": versions(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "configs": {name: cfg._asdict() for name, cfg in CONFIGS.items()},
-              "shared_positions": shared_positions,
+              "shared_positions": shared_positions, "rotate": rotate,
               "copy_bandwidth_GBps": copy_gbps, "empty_kernel_us": _guarded(empty_kernel_us),
               "rows": []}
     print(f"{result['device']}: copy {copy_gbps:.0f} GB/s, "
@@ -603,6 +603,10 @@ def _parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--shared-positions", action="store_true",
                         help="one positions array for all rotating buffers (the layers of one "
                         "decoding step): cos/sin rows come from L2, not DRAM")
+    parser.add_argument("--hot", action="store_true",
+                        help="one set of inputs for every call, so small cases run from L2 (as "
+                        "a decode step finds the q/k its projection just wrote); default: "
+                        "rotate over 3x the L2")
     parser.add_argument("--json", metavar="PATH", help="write all results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s against T (bf16)")
     parser.add_argument("--quick", action="store_true",
@@ -634,7 +638,8 @@ def main(argv=None) -> int:
     result = bench(configs=args.configs,
                    dtypes=args.dtypes or (("bfloat16",) if args.quick else DTYPES),
                    sizes=args.sizes or (QUICK_SIZES if args.quick else SIZES),
-                   providers=args.providers, shared_positions=args.shared_positions)
+                   providers=args.providers, rotate=not args.hot,
+                   shared_positions=args.shared_positions)
     extras = not (args.quick or args.no_extras)
     if args.host_overhead or extras:
         result["host_overhead"] = _guarded(host_overhead)

@@ -49,6 +49,7 @@ def test_cli_parses_shared_positions_and_lists():
     assert args.shared_positions and args.configs == ("qwen3-8b", "d256")
     assert args.sizes == (1, 16)
     assert not bench._parse_args([]).shared_positions
+    assert bench._parse_args(["--hot"]).hot and not bench._parse_args([]).hot
 
 
 @requires_gpu
@@ -65,3 +66,13 @@ def test_gpu_bench_times_every_provider_and_shares_positions_on_request(shared):
     assert result["shared_positions"] is shared
     assert [r["provider"] for r in result["rows"]] == ["cuqk", "copy"]
     assert all(r["median_us"] > 0 and "error" not in r for r in result["rows"])
+
+
+@requires_gpu
+def test_gpu_bench_hot_uses_one_set_of_inputs():
+    cfg = bench.CONFIGS["qwen3-8b"]
+    assert len(bench.provider_calls("cuqk", cfg, torch.bfloat16, 4, None, False)) == 1
+    result = bench.bench(configs=("qwen3-8b",), dtypes=("bfloat16",), sizes=(4,),
+                         providers=("cuqk", "copy"), rotate=False, warmup_ms=1.0, reps=3)
+    assert result["rotate"] is False
+    assert all(r["median_us"] > 0 and r["buffers"] == 1 for r in result["rows"])
