@@ -16,8 +16,8 @@ except ImportError as exc:  # pragma: no cover - exercised by the packaging test
 
 from . import reference
 from ._jit import VARIANTS, precompile
-from .qk_norm_rope import qk_norm_rope, qk_norm_rope_, qk_norm_rope_gate, set_debug
+from .qk_norm_rope import QkNormRope, qk_norm_rope, qk_norm_rope_, qk_norm_rope_gate, set_debug
 from .rope_cache import rope_cos_sin_cache
 
-__all__ = ["VARIANTS", "precompile", "qk_norm_rope", "qk_norm_rope_", "qk_norm_rope_gate",
-           "reference", "rope_cos_sin_cache", "set_debug"]
+__all__ = ["VARIANTS", "QkNormRope", "precompile", "qk_norm_rope", "qk_norm_rope_",
+           "qk_norm_rope_gate", "reference", "rope_cos_sin_cache", "set_debug"]

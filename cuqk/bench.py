@@ -389,7 +389,9 @@ def _cell(row: dict, key: str, spec: str) -> str:
 
 
 def host_overhead(calls: int = 5000, rounds: int = 7) -> dict:
-    """CPU time per eager call, T=1 qwen3-8b bf16, next to one small in-place add.
+    """CPU time per eager call, T=1 qwen3-8b bf16, next to one small in-place add: the
+    function (``qk_norm_rope_``) and the bound op (``QkNormRope``) on torch tensors, the
+    function on CuPy arrays.
 
     The cases take turns for ``rounds`` rounds of ``calls`` calls each and each reports its
     fastest round: the device's shared CPU drifts by tens of percent between seconds, and the
@@ -397,7 +399,10 @@ def host_overhead(calls: int = 5000, rounds: int = 7) -> dict:
     cfg = CONFIGS["qwen3-8b"]
     call = provider_calls("cuqk", cfg, torch.bfloat16, 1, None, rotate=False)[0]
     small = torch.zeros(16, device="cuda")
-    cases = {"cuqk_torch": call, "torch_add": functools.partial(small.add_, 1.0)}
+    qkv, positions, *bound = call.args
+    bound_op = cuqk.QkNormRope(*bound, **call.keywords)
+    cases = {"cuqk_torch": call, "cuqk_bound_torch": functools.partial(bound_op, qkv, positions),
+             "torch_add": functools.partial(small.add_, 1.0)}
     report = {}
     cupy_cases = _guarded(_cupy_cases, call, small)
     if "error" in cupy_cases:
@@ -412,7 +417,8 @@ def host_overhead(calls: int = 5000, rounds: int = 7) -> dict:
     # If the device time exceeded the host time the launch queue would fill and throttle the
     # loop, so the host figure would be a GPU figure.
     report["cuqk_device_us"] = _guarded(lambda: time_calls([call], 5.0, 10)["median_us"])
-    for num, den in (("cuqk_torch", "torch_add"), ("cuqk_cupy", "cupy_add")):
+    for num, den in (("cuqk_torch", "torch_add"), ("cuqk_bound_torch", "torch_add"),
+                     ("cuqk_cupy", "cupy_add")):
         a, b = report.get(f"{num}_host_us"), report.get(f"{den}_host_us")
         if isinstance(a, float) and isinstance(b, float):
             report[f"{num}_over_{den}"] = a / b

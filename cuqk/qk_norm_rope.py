@@ -612,6 +612,18 @@ def _side_pointers(plan, positions, cache, q_weight, k_weight):
             0 if q_weight is None else ptr(q_weight), 0 if k_weight is None else ptr(k_weight))
 
 
+def _launch_packed(plan, qkv, positions, q_weight, k_weight, cache, side, packed_heads):
+    """Launch an in-place call on packed ``qkv``; ``side`` holds the pointers of positions,
+    cache, q_weight and k_weight, ``packed_heads`` is (Hq + Hk, D)."""
+    base = plan.pointer(qkv)
+    k_base = base + plan.k_offset
+    pointers = (base, k_base, base, k_base, 0, *side)
+    if _ranges_meet(plan, pointers):
+        _recheck_aliasing((("qkv", qkv), ("positions", positions), ("q_weight", q_weight),
+                           ("k_weight", k_weight), ("cos_sin_cache", cache)), packed_heads)
+    _launch(plan, pointers)
+
+
 def _before_launch(plan, positions, cache):
     if plan.grad_inputs:
         _refuse_grad(plan)
@@ -697,15 +709,9 @@ def qk_norm_rope_(qkv, positions, q_weight, k_weight, cos_sin_cache, *, num_q_he
          mrope_interleaved))
     _before_launch(plan, positions, cos_sin_cache)
     if plan.variant is not None:
-        base = plan.pointer(qkv)
-        k_base = base + plan.k_offset
-        pointers = (base, k_base, base, k_base, 0,
-                    *_side_pointers(plan, positions, cos_sin_cache, q_weight, k_weight))
-        if _ranges_meet(plan, pointers):
-            _recheck_aliasing((("qkv", qkv), ("positions", positions), ("q_weight", q_weight),
-                               ("k_weight", k_weight), ("cos_sin_cache", cos_sin_cache)),
-                              (num_q_heads + num_kv_heads, head_dim))
-        _launch(plan, pointers)
+        _launch_packed(plan, qkv, positions, q_weight, k_weight, cos_sin_cache,
+                       _side_pointers(plan, positions, cos_sin_cache, q_weight, k_weight),
+                       (num_q_heads + num_kv_heads, head_dim))
     elif plan.device == CPU:
         k_end = (num_q_heads + num_kv_heads) * head_dim
         ref = reference.qkv_norm_rope(
@@ -716,6 +722,90 @@ def qk_norm_rope_(qkv, positions, q_weight, k_weight, cos_sin_cache, *, num_q_he
                                 mrope_interleaved))
         _interop.write_from_float64(qkv[..., :k_end], ref[..., :k_end])
     return qkv
+
+
+_BOUND_NAMES = ("q_weight", "k_weight", "cos_sin_cache")
+
+
+class QkNormRope:
+    """``qk_norm_rope_`` with its weights, cos/sin cache and flags bound once, for serving loops
+    that call it eagerly: ``op(qkv, positions)`` does what ``qk_norm_rope_(qkv, positions,
+    q_weight, k_weight, cos_sin_cache, **kwargs)`` does, with about half the host time.
+
+    A call reads the metadata of ``qkv`` and ``positions`` only. The bound arrays' data
+    pointers are read on every call, so new data in place is seen; when a pointer moves
+    (``param.data = new``, ``torch.utils.swap_tensors``), that call checks the bound arrays
+    again in full. Changing a bound array's shape or strides in place on the same memory
+    (``resize_``, ``t_``, ``as_strided_``) is not detected: bind a new op instead.
+
+    Parameters are those of ``qk_norm_rope_``; the flags are checked here, the arrays at the
+    first call. Grad mode is checked on every call, as ``qk_norm_rope_`` does.
+    """
+
+    def __init__(self, q_weight, k_weight, cos_sin_cache, *, num_q_heads, num_kv_heads,
+                 head_dim, num_v_heads=None, eps=1e-6, is_neox=True, rotary_dim=None,
+                 norm="rms", rope_first=False, mrope_section=None, mrope_interleaved=False):
+        _check_flags(eps, is_neox, norm, rope_first, mrope_interleaved)
+        framework = _interop.framework(cos_sin_cache)
+        self._pointer = _interop.POINTERS[framework]
+        self._grad_enabled = None
+        if framework == "torch":
+            import torch
+
+            self._grad_enabled = torch.is_grad_enabled
+        self._bound = (q_weight, k_weight, cos_sin_cache)
+        self._kwargs = {"num_q_heads": num_q_heads, "num_kv_heads": num_kv_heads,
+                        "head_dim": head_dim, "num_v_heads": num_v_heads, "eps": eps,
+                        "is_neox": is_neox, "rotary_dim": rotary_dim, "norm": norm,
+                        "rope_first": rope_first, "mrope_section": mrope_section,
+                        "mrope_interleaved": mrope_interleaved}
+        self._plan_args = (num_q_heads, num_kv_heads, head_dim, num_v_heads, eps, is_neox,
+                           rotary_dim, norm, rope_first, mrope_section, mrope_interleaved)
+        self._packed_heads = (num_q_heads + num_kv_heads, head_dim)
+        self._side = None  # (cache, q_weight, k_weight) pointers the cached plans were made for
+        self._plans = {}
+
+    def _side_pointers(self):
+        q_weight, k_weight, cache = self._bound
+        ptr = self._pointer
+        return (ptr(cache), 0 if q_weight is None else ptr(q_weight),
+                0 if k_weight is None else ptr(k_weight))
+
+    def __call__(self, qkv, positions):
+        """Normalise and rotate ``qkv``'s q and k heads in place (``[..., (Hq + Hk + Hv) * D]``,
+        as in ``qk_norm_rope_``) at ``positions``; returns ``qkv``."""
+        q_weight, k_weight, cache = self._bound
+        side = self._side_pointers()
+        if side != self._side:
+            self._plans.clear()
+            self._side = side
+        key = (_interop.key(qkv), _interop.key(positions))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = _plan_packed(qkv, positions, q_weight, k_weight, cache, *self._plan_args)
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+        if self._grad_enabled is not None and self._grad_enabled():
+            # The bound arrays may have started to require grad since their plan was made.
+            names = dict.fromkeys(plan.grad_inputs)
+            names.update((n, None) for n, a in zip(_BOUND_NAMES, self._bound)
+                         if a is not None and a.requires_grad)
+            if names:
+                _refuse_grad(plan._replace(grad_inputs=tuple(names)))
+        _before_launch(plan, positions, cache)
+        if plan.variant is not None:
+            ptr = plan.pointer
+            _launch_packed(plan, qkv, positions, q_weight, k_weight, cache,
+                           (0 if positions is None else ptr(positions), *side),
+                           self._packed_heads)
+        elif plan.device == CPU:
+            qk_norm_rope_(qkv, positions, q_weight, k_weight, cache, **self._kwargs)
+        return qkv
+
+    def __repr__(self):
+        flags = ", ".join(f"{k}={v!r}" for k, v in self._kwargs.items())
+        return f"cuqk.QkNormRope({flags})"
 
 
 def qk_norm_rope(q, k, positions, q_weight, k_weight, cos_sin_cache, *, eps=1e-6, is_neox=True,

@@ -76,3 +76,11 @@ def test_gpu_bench_hot_uses_one_set_of_inputs():
                          providers=("cuqk", "copy"), rotate=False, warmup_ms=1.0, reps=3)
     assert result["rotate"] is False
     assert all(r["median_us"] > 0 and r["buffers"] == 1 for r in result["rows"])
+
+
+@requires_gpu
+def test_gpu_host_overhead_reports_function_bound_op_and_add():
+    report = bench.host_overhead(calls=50, rounds=1)
+    for name in ("cuqk_torch", "cuqk_bound_torch", "torch_add", "cuqk_cupy", "cupy_add"):
+        assert report[f"{name}_host_us"] > 0, name
+    assert report["cuqk_bound_torch_over_torch_add"] > 0

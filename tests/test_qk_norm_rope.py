@@ -1018,3 +1018,130 @@ def test_gpu_nan_inf_and_zero_heads_follow_the_reference(dtype):
     assert _rel_l2_gpu(qkv[:, :k_end], ref[:, :k_end]) <= TOLERANCES[dtype]
     assert torch.isnan(qkv[0, :D]).all() and not torch.isnan(qkv[0, D:k_end]).any()
     assert torch.equal(qkv[2, 2 * D:3 * D].float(), torch.zeros(D, device="cuda"))
+
+
+# ============================================================================ the bound op
+
+
+@pytest.mark.parametrize("flags", [{}, {"is_neox": False, "rotary_dim": 32, "norm": "gemma"},
+                                   {"rope_first": True, "eps": 1e-5}])
+def test_cpu_bound_op_matches_qk_norm_rope_(flags):
+    arrays, dims = _numpy_case(seed=5)
+    if flags.get("rotary_dim"):
+        arrays["cos_sin_cache"] = cos_sin_cache64(50, flags["rotary_dim"]).astype(np.float32)
+    want = cuqk.qk_norm_rope_(arrays["qkv"].copy(), arrays["positions"], arrays["q_weight"],
+                              arrays["k_weight"], arrays["cos_sin_cache"], **dims, **flags)
+    op = cuqk.QkNormRope(arrays["q_weight"], arrays["k_weight"], arrays["cos_sin_cache"],
+                         **dims, **flags)
+    for _ in range(2):  # the second call takes the cached plan
+        got = arrays["qkv"].copy()
+        assert op(got, arrays["positions"]) is got
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("flags, error, words", [
+    ({"eps": -1.0}, ValueError, "eps"),
+    ({"is_neox": 1}, TypeError, "is_neox"),
+    ({"norm": "layer"}, ValueError, "norm"),
+])
+def test_cpu_bound_op_checks_flags_when_bound(flags, error, words):
+    arrays, dims = _numpy_case()
+    with pytest.raises(error, match=words):
+        cuqk.QkNormRope(arrays["q_weight"], arrays["k_weight"], arrays["cos_sin_cache"],
+                        **dims, **flags)
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        cuqk.QkNormRope(None, None, [[1.0]], **dims)
+
+
+def test_cpu_bound_op_checks_bad_arrays_at_the_call_and_writes_nothing():
+    arrays, dims = _numpy_case()
+    op = cuqk.QkNormRope(arrays["q_weight"][:32], arrays["k_weight"], arrays["cos_sin_cache"],
+                         **dims)
+    before = arrays["qkv"].copy()
+    with pytest.raises(ValueError, match="q_weight must have shape"):
+        op(arrays["qkv"], arrays["positions"])
+    assert np.array_equal(arrays["qkv"], before)
+
+
+def test_cpu_bound_op_rechecks_an_array_whose_memory_moved():
+    torch = pytest.importorskip("torch")
+    arrays, dims = _numpy_case(seed=6)
+    t = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    op = cuqk.QkNormRope(t["q_weight"], t["k_weight"], t["cos_sin_cache"], **dims)
+    op(t["qkv"].clone(), t["positions"])
+    t["q_weight"].data = 2 * t["q_weight"]  # new memory, new values
+    got = op(t["qkv"].clone(), t["positions"])
+    want = cuqk.qk_norm_rope_(t["qkv"].clone(), t["positions"], t["q_weight"], t["k_weight"],
+                              t["cos_sin_cache"], **dims)
+    assert torch.equal(got, want)
+    t["q_weight"].data = torch.ones(dims["head_dim"] + 1)
+    with pytest.raises(ValueError, match="q_weight must have shape"):
+        op(t["qkv"].clone(), t["positions"])
+
+
+def test_cpu_bound_op_refuses_grad_even_when_it_starts_after_binding():
+    torch = pytest.importorskip("torch")
+    arrays, dims = _numpy_case()
+    t = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    op = cuqk.QkNormRope(t["q_weight"], t["k_weight"], t["cos_sin_cache"], **dims)
+    op(t["qkv"].clone(), t["positions"])
+    t["k_weight"].requires_grad_(True)
+    before = t["qkv"].clone()
+    with pytest.raises(TypeError, match="k_weight require grad"):
+        op(t["qkv"], t["positions"])
+    assert torch.equal(t["qkv"], before)
+    with torch.inference_mode():
+        op(t["qkv"], t["positions"])
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("framework", ["torch", "cupy"])
+def test_gpu_bound_op_matches_qk_norm_rope_bit_for_bit(dtype, framework):
+    if framework == "cupy" and dtype == "bfloat16":
+        pytest.skip("CuPy has no bfloat16")
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    Hq, Hk, Hv, D = 8, 2, 2, 128
+    tdt = TORCH_DTYPES[dtype]
+    cache = torch.from_numpy(cos_sin_cache64(64, D)).cuda().float()
+    w = [(1 + 0.2 * torch.randn(D, generator=gen, device="cuda")).to(tdt) for _ in "qk"]
+    dims = {"num_q_heads": Hq, "num_kv_heads": Hk, "num_v_heads": Hv, "head_dim": D}
+    wrap = cupy.from_dlpack if framework == "cupy" else (lambda t: t)
+    op = cuqk.QkNormRope(wrap(w[0]), wrap(w[1]), wrap(cache), **dims)
+    for T in (0, 1, 33, 3000):  # zero tokens, the small and the strided grid
+        qkv = torch.randn(T, (Hq + Hk + Hv) * D, generator=gen, device="cuda").to(tdt)
+        pos = torch.randint(0, 64, (T,), generator=gen, device="cuda")
+        want = cuqk.qk_norm_rope_(qkv.clone(), pos, w[0], w[1], cache, **dims)
+        for positions in (pos, None):
+            got = qkv.clone()
+            op(wrap(got), None if positions is None else wrap(positions))
+            if positions is None:
+                want = cuqk.qk_norm_rope_(qkv.clone(), None, w[0], w[1], cache, **dims)
+            torch.cuda.synchronize()
+            assert torch.equal(got, want), (T, positions is None)
+
+
+@requires_gpu
+def test_gpu_bound_op_follows_moved_weights_and_catches_aliasing():
+    T, Hq, Hk, D = 8, 4, 2, 64
+    qkv = torch.randn(T, (Hq + 2 * Hk) * D, device="cuda")
+    pos = torch.randint(0, 16, (T,), device="cuda")
+    cache = torch.from_numpy(cos_sin_cache64(16, D)).cuda().float()
+    w = torch.ones(D, device="cuda")
+    dims = {"num_q_heads": Hq, "num_kv_heads": Hk, "head_dim": D}
+    op = cuqk.QkNormRope(w, None, cache, **dims)
+    op(qkv.clone(), pos)
+    w.data = torch.linspace(0.5, 1.5, D, device="cuda")
+    want = cuqk.qk_norm_rope_(qkv.clone(), pos, w, None, cache, **dims)
+    got = op(qkv.clone(), pos)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    # The same geometry (so the cached plan) with qkv laid over the bound weight's memory.
+    buf = torch.randn(T * (Hq + 2 * Hk) * D + D, device="cuda")
+    w.data = buf[:D]
+    op(buf[D:].view(T, -1), pos)  # beside the weight: fine
+    before = buf.clone()
+    with pytest.raises(ValueError, match="overlaps q_weight"):
+        op(buf[:-D].view(T, -1), pos)
+    torch.cuda.synchronize()
+    assert torch.equal(buf, before)
