@@ -1103,14 +1103,15 @@ def test_gpu_bound_op_matches_qk_norm_rope_bit_for_bit(dtype, framework):
     gen = torch.Generator(device="cuda").manual_seed(7)
     Hq, Hk, Hv, D = 8, 2, 2, 128
     tdt = TORCH_DTYPES[dtype]
-    cache = torch.from_numpy(cos_sin_cache64(64, D)).cuda().float()
+    # As many rows as tokens: positions=None reads row t for token t.
+    cache = torch.from_numpy(cos_sin_cache64(3000, D)).cuda().float()
     w = [(1 + 0.2 * torch.randn(D, generator=gen, device="cuda")).to(tdt) for _ in "qk"]
     dims = {"num_q_heads": Hq, "num_kv_heads": Hk, "num_v_heads": Hv, "head_dim": D}
     wrap = cupy.from_dlpack if framework == "cupy" else (lambda t: t)
     op = cuqk.QkNormRope(wrap(w[0]), wrap(w[1]), wrap(cache), **dims)
     for T in (0, 1, 33, 3000):  # zero tokens, the small and the strided grid
         qkv = torch.randn(T, (Hq + Hk + Hv) * D, generator=gen, device="cuda").to(tdt)
-        pos = torch.randint(0, 64, (T,), generator=gen, device="cuda")
+        pos = torch.randint(0, 3000, (T,), generator=gen, device="cuda")
         want = cuqk.qk_norm_rope_(qkv.clone(), pos, w[0], w[1], cache, **dims)
         for positions in (pos, None):
             got = qkv.clone()
@@ -1118,7 +1119,7 @@ def test_gpu_bound_op_matches_qk_norm_rope_bit_for_bit(dtype, framework):
             if positions is None:
                 want = cuqk.qk_norm_rope_(qkv.clone(), None, w[0], w[1], cache, **dims)
             torch.cuda.synchronize()
-            assert torch.equal(got, want), (T, positions is None)
+            assert not got.isnan().any() and torch.equal(got, want), (T, positions is None)
 
 
 @requires_gpu
