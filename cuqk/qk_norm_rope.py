@@ -765,37 +765,38 @@ class QkNormRope:
         self._side = None  # (cache, q_weight, k_weight) pointers the cached plans were made for
         self._plans = {}
 
-    def _side_pointers(self):
-        q_weight, k_weight, cache = self._bound
-        ptr = self._pointer
-        return (ptr(cache), 0 if q_weight is None else ptr(q_weight),
-                0 if k_weight is None else ptr(k_weight))
-
     def __call__(self, qkv, positions):
         """Normalise and rotate ``qkv``'s q and k heads in place (``[..., (Hq + Hk + Hv) * D]``,
         as in ``qk_norm_rope_``) at ``positions``; returns ``qkv``."""
+        # The per-call path of a serving loop: kept to attribute reads and one dict lookup.
         q_weight, k_weight, cache = self._bound
-        side = self._side_pointers()
+        ptr = self._pointer
+        side = (ptr(cache), 0 if q_weight is None else ptr(q_weight),
+                0 if k_weight is None else ptr(k_weight))
         if side != self._side:
             self._plans.clear()
             self._side = side
-        key = (_interop.key(qkv), _interop.key(positions))
-        plan = self._plans.get(key)
+        key = _interop.key
+        plan_key = (key(qkv), key(positions))
+        plan = self._plans.get(plan_key)
         if plan is None:
             plan = _plan_packed(qkv, positions, q_weight, k_weight, cache, *self._plan_args)
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
-            self._plans[key] = plan
-        if self._grad_enabled is not None and self._grad_enabled():
-            # The bound arrays may have started to require grad since their plan was made.
+            self._plans[plan_key] = plan
+        grad_enabled = self._grad_enabled
+        # The bound arrays may have started to require grad since their plan was made.
+        if grad_enabled is not None and grad_enabled() and (
+                plan.grad_inputs or cache.requires_grad
+                or (q_weight is not None and q_weight.requires_grad)
+                or (k_weight is not None and k_weight.requires_grad)):
             names = dict.fromkeys(plan.grad_inputs)
             names.update((n, None) for n, a in zip(_BOUND_NAMES, self._bound)
                          if a is not None and a.requires_grad)
-            if names:
-                _refuse_grad(plan._replace(grad_inputs=tuple(names)))
-        _before_launch(plan, positions, cache)
+            _refuse_grad(plan._replace(grad_inputs=tuple(names)))
+        if _debug and positions is not None:
+            _check_positions(positions, cache)
         if plan.variant is not None:
-            ptr = plan.pointer
             _launch_packed(plan, qkv, positions, q_weight, k_weight, cache,
                            (0 if positions is None else ptr(positions), *side),
                            self._packed_heads)

@@ -1094,6 +1094,18 @@ def test_cpu_bound_op_refuses_grad_even_when_it_starts_after_binding():
         op(t["qkv"], t["positions"])
 
 
+def test_cpu_bound_op_debug_mode_names_the_bad_position():
+    arrays, dims = _numpy_case()
+    op = cuqk.QkNormRope(arrays["q_weight"], arrays["k_weight"], arrays["cos_sin_cache"], **dims)
+    arrays["positions"][3] = 50
+    cuqk.set_debug(True)
+    try:
+        with pytest.raises(ValueError, match=r"positions\[3\] = 50"):
+            op(arrays["qkv"], arrays["positions"])
+    finally:
+        cuqk.set_debug(False)
+
+
 @requires_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("framework", ["torch", "cupy"])
