@@ -81,7 +81,8 @@ class Variant:
     """One template instance of ``qk_norm_rope_kernel`` (``qk_norm_mrope_kernel`` for mRoPE).
 
     ``aligned=False``: a wide instance for q and k that are only element-aligned (views that
-    start mid-vector); each access then follows its address's alignment."""
+    start mid-vector); each access then follows its address's alignment. ``packed``: a 1-D wide
+    aligned instance for in-place calls on a packed qkv whose tokens are one stride apart."""
 
     dtype: str
     is_neox: bool
@@ -89,22 +90,25 @@ class Variant:
     max_units: int
     is_mrope: bool = False
     aligned: bool = True
+    packed: bool = False
 
     @property
     def name(self) -> str:
         style = "neox" if self.is_neox else "gptj"
         mrope = "_mrope" if self.is_mrope else ""
         realign = "" if self.aligned else "_realign"
+        packed = "_packed" if self.packed else ""
         return (f"qk_norm_rope_{self.dtype}_{style}_vec{self.vec}_units{self.max_units}{mrope}"
-                f"{realign}")
+                f"{realign}{packed}")
 
     @property
     def expression(self) -> str:
-        ctype = DTYPES[self.dtype][0]
-        neox = "true" if self.is_neox else "false"
-        kernel = "qk_norm_mrope_kernel" if self.is_mrope else "qk_norm_rope_kernel"
-        aligned = "true" if self.aligned else "false"
-        return f"{kernel}<{ctype}, {neox}, {self.vec}, {self.max_units}, {aligned}>"
+        flags = [DTYPES[self.dtype][0], "true" if self.is_neox else "false", str(self.vec),
+                 str(self.max_units), "true" if self.aligned else "false"]
+        if self.is_mrope:
+            return f"qk_norm_mrope_kernel<{', '.join(flags)}>"
+        flags.append("true" if self.packed else "false")
+        return f"qk_norm_rope_kernel<{', '.join(flags)}>"
 
 
 def wide_vec(dtype: str) -> int:
@@ -125,7 +129,9 @@ def _build_variants() -> tuple[Variant, ...]:
                 vec = wide_vec(dtype)
                 for units in (1, 2) if dtype == "float32" else (1,):
                     for aligned in (True, False):
-                        out.append(Variant(dtype, is_neox, vec, units, is_mrope, aligned))
+                        for packed in (False, True) if aligned and not is_mrope else (False,):
+                            out.append(Variant(dtype, is_neox, vec, units, is_mrope, aligned,
+                                               packed))
                 out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS, is_mrope))
     return tuple(out)
 
@@ -133,7 +139,8 @@ def _build_variants() -> tuple[Variant, ...]:
 VARIANTS = _build_variants()
 _BY_KEY = {}
 for _v in VARIANTS:
-    _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec, _v.is_mrope, _v.aligned), []).append(_v)
+    _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec, _v.is_mrope, _v.aligned, _v.packed),
+                       []).append(_v)
 
 
 def lanes_and_units(head_dim: int, vec: int) -> tuple[int, int]:
@@ -144,10 +151,12 @@ def lanes_and_units(head_dim: int, vec: int) -> tuple[int, int]:
 
 
 def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int,
-                   is_mrope: bool = False, aligned: bool = True) -> Variant:
+                   is_mrope: bool = False, aligned: bool = True, packed: bool = False) -> Variant:
     """The smallest instance that holds ``units_per_lane``; ValueError if none does. The scalar
-    instances (``vec=1``) take any alignment and exist only as ``aligned=True``."""
-    for variant in _BY_KEY.get((dtype, is_neox, vec, is_mrope, aligned or vec == 1), ()):
+    instances (``vec=1``) take any alignment and exist only as ``aligned=True``; ``packed`` is
+    a preference that only the 1-D wide aligned instances take."""
+    packed = packed and vec > 1 and not is_mrope and aligned
+    for variant in _BY_KEY.get((dtype, is_neox, vec, is_mrope, aligned or vec == 1, packed), ()):
         if variant.max_units >= units_per_lane:
             return variant
     supported = sorted({(v.dtype, v.vec, v.max_units) for v in VARIANTS})

@@ -327,10 +327,12 @@ def _ranges_meet(plan, pointers):
 def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weight, cache, *,
                 num_q_heads, num_k_heads, head_dim, rotary_dim, weight_dtype, eps, is_neox,
                 norm, rope_first, mrope_section, mrope_interleaved, gate=False, grad_inputs=(),
-                k_offset=0, out_shapes=()):
+                k_offset=0, out_shapes=(), packed=False):
     """Common tail of planning. ``heads`` is four (ptr, lead strides, head stride) for
     q_in, k_in, q_out, k_out, in elements (pointers in bytes). ``gate``: q_in holds a gate
-    after each q head, copied to a third output laid out as q_out."""
+    after each q head, copied to a third output laid out as q_out. ``packed``: an in-place
+    call on a packed qkv (k heads right after q's, head stride head_dim), which takes the
+    packed instances when its tokens are one stride apart."""
     num_tokens = math.prod(lead)
     num_heads = num_q_heads * (2 if gate else 1) + num_k_heads
     if num_tokens * num_heads >= _MAX_HEAD_ITEMS:
@@ -370,7 +372,7 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         vec = 1
     lanes, units = _jit.lanes_and_units(head_dim, vec)
     variant = _jit.select_variant(act_dtype, is_neox, vec, units, mrope_section is not None,
-                                  aligned=data_ok)
+                                  aligned=data_ok, packed=packed and n_inner == 1)
 
     sections = tuple(mrope_section) if mrope_section is not None else (0, 0, 0)
     statics = {
@@ -471,7 +473,7 @@ def _plan_packed(qkv, positions, q_weight, k_weight, cache, num_q_heads, num_kv_
         num_k_heads=num_kv_heads, head_dim=head_dim, rotary_dim=rotary_dim,
         weight_dtype=weight_dtype, eps=eps, is_neox=is_neox, norm=norm, rope_first=rope_first,
         mrope_section=mrope_section, mrope_interleaved=mrope_interleaved,
-        grad_inputs=_grad_inputs(infos), k_offset=k_offset)
+        grad_inputs=_grad_inputs(infos), k_offset=k_offset, packed=True)
     written, read = _packed_aliases(infos, num_q_heads + num_kv_heads, head_dim)
     return plan._replace(overlap_pairs=_overlap_pairs(written, read, _POINTER_INDEX))
 

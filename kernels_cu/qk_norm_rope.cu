@@ -207,11 +207,17 @@ __device__ __forceinline__ void rotate_unit(float (&y)[2 * VEC], const float (&c
 /// \tparam IS_MROPE  three positions per token, frequencies split between them
 /// \tparam ALIGNED   q, k and their outputs are 16-byte aligned at every vector; otherwise each
 ///                   access follows its address's alignment (views that start mid-vector)
+/// \tparam PACKED    in place on a packed qkv whose tokens are one stride apart (the host
+///                   checks): head h of token t is at q_in + t * row stride + h * head_dim, k
+///                   heads following q's. Half the address arithmetic before a head's first
+///                   load, which is most of a small call's time (Qwen3-8B, T=1: 227 SASS
+///                   instructions before the load of q in the general instance, 106 here)
 ///
 /// The host launches at most as many blocks as are resident at once, and each group strides
 /// over the heads: no block slot waits for the slowest warp of a finished block before the
 /// next block starts.
-template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool IS_MROPE, bool ALIGNED>
+template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool IS_MROPE, bool ALIGNED,
+          bool PACKED>
 __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   constexpr int UNIT = 2 * VEC;
   // A block works on a window of rounds * heads_per_block consecutive heads between two
@@ -275,20 +281,31 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
       const bool active = item < total;
       const unsigned token = active ? head_token(item, p) : 0u;
       const unsigned head = active ? item - token * num_heads : 0u;
-      const bool is_gate = head >= num_qk_heads;
+      const bool is_gate = !PACKED && head >= num_qk_heads;
       const bool is_q = head < num_q_heads || is_gate;
       const long long h = head < num_q_heads ? head : head - (is_gate ? num_qk_heads : num_q_heads);
 
       long long outer, inner;
-      split_token(token, p, outer, inner);
-      // Field-by-field selects: a reference to a kernel parameter would copy it to local memory.
-      const HeadStrides in = is_q ? p.q_in_strides : p.k_in_strides;
-      const HeadStrides out = is_q ? p.q_out_strides : p.k_out_strides;
-      const T_IN* src = reinterpret_cast<const T_IN*>(is_q ? p.q_in : p.k_in) +
-                        (outer * in.outer + inner * in.inner + h * in.head) +
-                        (is_gate ? head_dim : 0);
-      T_IN* dst = reinterpret_cast<T_IN*>(is_gate ? p.gate_out : (is_q ? p.q_out : p.k_out)) +
-                  (outer * out.outer + inner * out.inner + h * out.head);
+      const T_IN* src;
+      T_IN* dst;
+      if constexpr (PACKED) {
+        // In place, k right after q, one row stride, one token index: the head is an offset.
+        outer = token;
+        inner = 0;
+        dst = reinterpret_cast<T_IN*>(p.q_in) + (outer * p.q_in_strides.outer +
+                                                 static_cast<long long>(head) * head_dim);
+        src = dst;
+      } else {
+        split_token(token, p, outer, inner);
+        // Field-by-field selects: a reference to a kernel parameter would copy it to local
+        // memory.
+        const HeadStrides in = is_q ? p.q_in_strides : p.k_in_strides;
+        const HeadStrides out = is_q ? p.q_out_strides : p.k_out_strides;
+        src = reinterpret_cast<const T_IN*>(is_q ? p.q_in : p.k_in) +
+              (outer * in.outer + inner * in.inner + h * in.head) + (is_gate ? head_dim : 0);
+        dst = reinterpret_cast<T_IN*>(is_gate ? p.gate_out : (is_q ? p.q_out : p.k_out)) +
+              (outer * out.outer + inner * out.inner + h * out.head);
+      }
 
       long long pos = token;
       if (!IS_MROPE && active && p.positions) {
@@ -406,9 +423,9 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
 
 /// \brief 1-D RoPE. The default register allocation (52-57 registers for 16-bit data) fits 4
 /// blocks of 256 threads per SM; bounded to 5 blocks (48 registers and spills) it ran slower.
-template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED>
+template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED, bool PACKED>
 __global__ void __launch_bounds__(BLOCK_THREADS) qk_norm_rope_kernel(const QkNormRopeParams p) {
-  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, false, ALIGNED>(p);
+  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, false, ALIGNED, PACKED>(p);
 }
 
 /// \brief Multimodal RoPE: the 1-D work on rows gathered into shared memory per block. Left
@@ -418,5 +435,5 @@ __global__ void __launch_bounds__(BLOCK_THREADS) qk_norm_rope_kernel(const QkNor
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED>
 __global__ void __launch_bounds__(BLOCK_THREADS, 4)
     qk_norm_mrope_kernel(const QkNormRopeParams p) {
-  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true, ALIGNED>(p);
+  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true, ALIGNED, false>(p);
 }

@@ -16,9 +16,11 @@ def test_variant_names_and_expressions_are_unique():
     assert len({v.name for v in _jit.VARIANTS}) == len(_jit.VARIANTS)
     assert len({v.expression for v in _jit.VARIANTS}) == len(_jit.VARIANTS)
     for v in _jit.VARIANTS:
-        kernel = "qk_norm_mrope_kernel" if v.is_mrope else "qk_norm_rope_kernel"
-        assert re.fullmatch(kernel + r"<\w+, (true|false), \d+, \d+, (true|false)>",
-                            v.expression)
+        flags = r"<\w+, (true|false), \d+, \d+, (true|false)"
+        if v.is_mrope:
+            assert re.fullmatch("qk_norm_mrope_kernel" + flags + ">", v.expression)
+        else:
+            assert re.fullmatch("qk_norm_rope_kernel" + flags + ", (true|false)>", v.expression)
 
 
 @pytest.mark.parametrize("dtype", list(_jit.DTYPES))
@@ -26,17 +28,20 @@ def test_variant_names_and_expressions_are_unique():
 @pytest.mark.parametrize("wide", [True, False])
 @pytest.mark.parametrize("is_mrope", [False, True])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_every_head_dim_dispatches(dtype, is_neox, wide, is_mrope, aligned):
+@pytest.mark.parametrize("packed", [False, True])
+def test_every_head_dim_dispatches(dtype, is_neox, wide, is_mrope, aligned, packed):
     vec = _jit.wide_vec(dtype) if wide else 1
     for head_dim in HEAD_DIMS:
         lanes, units = _jit.lanes_and_units(head_dim, vec)
         assert lanes & (lanes - 1) == 0 and lanes <= 32
         assert lanes * units * 2 * vec >= head_dim
-        variant = _jit.select_variant(dtype, is_neox, vec, units, is_mrope, aligned)
+        variant = _jit.select_variant(dtype, is_neox, vec, units, is_mrope, aligned, packed)
         assert variant in _jit.VARIANTS and variant.max_units >= units
         assert variant.is_mrope == is_mrope
         # The scalar instances take any alignment; the wide ones come in both.
         assert variant.aligned == (aligned or vec == 1)
+        # Packed addressing: 1-D wide aligned instances only; the others fall back.
+        assert variant.packed == (packed and wide and aligned and not is_mrope)
 
 
 def test_unsupported_key_lists_supported_values():

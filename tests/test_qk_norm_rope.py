@@ -805,6 +805,40 @@ def test_gpu_dispatch_realigns_views_and_keeps_scalar_for_misaligned_weights(dty
     assert scalar.vec == 1
 
 
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_gpu_packed_instance_for_one_stride_tokens_matches_the_general_one(dtype, is_neox):
+    """An in-place call whose tokens are one stride apart takes the packed instance; the same
+    data laid out so the leading dims do not fold (and the split op) take the general one, with
+    the same bits."""
+    qnr = sys.modules["cuqk.qk_norm_rope"]
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    B, S, Hq, Hk, Hv, D = 3, 5, 4, 2, 1, 128
+    width = (Hq + Hk + Hv) * D
+    tdt = TORCH_DTYPES[dtype]
+    dims = {"num_q_heads": Hq, "num_kv_heads": Hk, "num_v_heads": Hv, "head_dim": D}
+    pos = torch.randint(0, 64, (B, S), generator=gen, device="cuda")
+    cache = torch.from_numpy(cos_sin_cache64(64, D)).cuda().float()
+    w = (1 + 0.2 * torch.randn(D, generator=gen, device="cuda")).to(tdt)
+    flat = torch.randn(B, S, width, generator=gen, device="cuda").to(tdt)
+    gap_buffer = torch.full((B, S + 1, width), float("nan"), device="cuda", dtype=tdt)
+    gapped = gap_buffer[:, :S]
+    gapped.copy_(flat)
+
+    def chosen(qkv):
+        return qnr._plan_packed(qkv, pos, w, w, cache, Hq, Hk, D, Hv, 1e-6, is_neox, None,
+                                "rms", False, None, False).variant
+
+    assert chosen(flat).packed and chosen(flat.view(B * S, width)).packed
+    assert not chosen(gapped).packed and chosen(gapped).aligned
+    cuqk.qk_norm_rope_(flat, pos, w, w, cache, is_neox=is_neox, **dims)
+    cuqk.qk_norm_rope_(gapped, pos, w, w, cache, is_neox=is_neox, **dims)
+    torch.cuda.synchronize()
+    assert torch.equal(flat, gapped)
+    assert torch.isnan(gap_buffer[:, S]).all()
+
+
 # ============================================================================ out= and aliasing
 
 
