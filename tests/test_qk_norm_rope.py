@@ -826,11 +826,11 @@ def test_gpu_packed_instance_for_one_stride_tokens_matches_the_general_one(dtype
     gapped = gap_buffer[:, :S]
     gapped.copy_(flat)
 
-    def chosen(qkv):
-        return qnr._plan_packed(qkv, pos, w, w, cache, Hq, Hk, D, Hv, 1e-6, is_neox, None,
+    def chosen(qkv, positions=pos):
+        return qnr._plan_packed(qkv, positions, w, w, cache, Hq, Hk, D, Hv, 1e-6, is_neox, None,
                                 "rms", False, None, False).variant
 
-    assert chosen(flat).packed and chosen(flat.view(B * S, width)).packed
+    assert chosen(flat).packed and chosen(flat.view(B * S, width), pos.view(-1)).packed
     assert not chosen(gapped).packed and chosen(gapped).aligned
     cuqk.qk_norm_rope_(flat, pos, w, w, cache, is_neox=is_neox, **dims)
     cuqk.qk_norm_rope_(gapped, pos, w, w, cache, is_neox=is_neox, **dims)
