@@ -54,7 +54,7 @@ class Config(NamedTuple):
     mrope_section: tuple | None = None
     mrope_interleaved: bool = False
     # Rows start one element past a 16-byte boundary (a view of a wider buffer): the kernel's
-    # element-wise (VEC=1) path.
+    # realigning wide instances.
     unaligned: bool = False
 
 

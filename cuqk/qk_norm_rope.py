@@ -42,11 +42,12 @@ class _Plan(NamedTuple):
     overlap_pairs: tuple = ()
 
 
-def _refuse_grad(plan):
-    """cuqk has no backward yet: refuse rather than return outputs with a silently zero grad."""
+def _refuse_grad(names):
+    """cuqk has no backward yet: refuse rather than return outputs with a silently zero grad.
+    ``names``: the inputs that require grad."""
     if _interop.grad_enabled():
         raise TypeError(
-            f"{', '.join(plan.grad_inputs)} require grad, but cuqk ops have no backward yet; "
+            f"{', '.join(names)} require grad, but cuqk ops have no backward yet; "
             "call them under torch.no_grad() or torch.inference_mode(), or pass detached tensors"
         )
 
@@ -628,7 +629,7 @@ def _launch_packed(plan, qkv, positions, q_weight, k_weight, cache, side, packed
 
 def _before_launch(plan, positions, cache):
     if plan.grad_inputs:
-        _refuse_grad(plan)
+        _refuse_grad(plan.grad_inputs)
     if _debug and positions is not None:
         _check_positions(positions, cache)
 
@@ -762,8 +763,6 @@ class QkNormRope:
                         "is_neox": is_neox, "rotary_dim": rotary_dim, "norm": norm,
                         "rope_first": rope_first, "mrope_section": mrope_section,
                         "mrope_interleaved": mrope_interleaved}
-        self._plan_args = (num_q_heads, num_kv_heads, head_dim, num_v_heads, eps, is_neox,
-                           rotary_dim, norm, rope_first, mrope_section, mrope_interleaved)
         self._packed_heads = (num_q_heads + num_kv_heads, head_dim)
         self._side = None  # (cache, q_weight, k_weight) pointers the cached plans were made for
         self._plans = {}
@@ -783,7 +782,7 @@ class QkNormRope:
         plan_key = (key(qkv), key(positions))
         plan = self._plans.get(plan_key)
         if plan is None:
-            plan = _plan_packed(qkv, positions, q_weight, k_weight, cache, *self._plan_args)
+            plan = _plan_packed(qkv, positions, q_weight, k_weight, cache, **self._kwargs)
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
             self._plans[plan_key] = plan
@@ -796,7 +795,7 @@ class QkNormRope:
             names = dict.fromkeys(plan.grad_inputs)
             names.update((n, None) for n, a in zip(_BOUND_NAMES, self._bound)
                          if a is not None and a.requires_grad)
-            _refuse_grad(plan._replace(grad_inputs=tuple(names)))
+            _refuse_grad(names)
         if _debug and positions is not None:
             _check_positions(positions, cache)
         if plan.variant is not None:

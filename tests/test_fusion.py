@@ -314,6 +314,13 @@ def _only_rejected(reason_part):
     return report
 
 
+def _compile_expecting_rejection(fn, reason_part):
+    """Compile and run ``fn`` on the HF-style inputs; the pass must reject every candidate."""
+    with torch.no_grad():
+        torch.compile(fn, fullgraph=True)(*hf_inputs())
+    _only_rejected(reason_part)
+
+
 def test_float64_is_rejected_with_the_reason(fusion):
     module = HFAttentionPrologue(dtype=torch.float64)
     got, want = _compile_and_run(module, hf_inputs(dtype=torch.float64))
@@ -354,9 +361,7 @@ def test_norm_over_all_heads_is_rejected(fusion):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return module.rope(q, cos, sin), module.rope(k, cos, sin)
 
-    with torch.no_grad():
-        torch.compile(olmo2, fullgraph=True)(*hf_inputs())
-    _only_rejected("not a per-head norm")
+    _compile_expecting_rejection(olmo2, "not a per-head norm")
 
 
 def test_lone_site_is_rejected(fusion):
@@ -366,9 +371,7 @@ def test_lone_site_is_rejected(fusion):
         q = norm_plain(q.view(*q.shape[:-1], -1, 64), module.q_weight, EPS).transpose(1, 2)
         return module.rope(q, cos.unsqueeze(1), sin.unsqueeze(1)), k
 
-    with torch.no_grad():
-        torch.compile(q_only, fullgraph=True)(*hf_inputs())
-    _only_rejected("no second norm + RoPE")
+    _compile_expecting_rejection(q_only, "no second norm + RoPE")
 
 
 def test_cos_varying_across_heads_is_rejected(fusion):
@@ -381,9 +384,7 @@ def test_cos_varying_across_heads_is_rejected(fusion):
         cos_q, sin_q = cos[:, None].repeat(1, 4, 1, 1), sin[:, None].repeat(1, 4, 1, 1)
         return module.rope(q, cos_q, sin_q), module.rope(k, cos_q[:, :2], sin_q[:, :2])
 
-    with torch.no_grad():
-        torch.compile(per_head_cos, fullgraph=True)(*hf_inputs())
-    _only_rejected("vary along every leading dim")
+    _compile_expecting_rejection(per_head_cos, "vary along every leading dim")
 
 
 def test_training_graph_is_rejected(fusion):
