@@ -81,8 +81,9 @@ class Variant:
     """One template instance of ``qk_norm_rope_kernel`` (``qk_norm_mrope_kernel`` for mRoPE).
 
     ``aligned=False``: a wide instance for q and k that are only element-aligned (views that
-    start mid-vector); each access then follows its address's alignment. ``packed``: a 1-D wide
-    aligned instance for in-place calls on a packed qkv whose tokens are one stride apart."""
+    start mid-vector); each access then follows its address's alignment. ``packed``: a wide aligned
+    instance for in-place calls on a packed qkv whose tokens are one stride apart, with a
+    float32 cache and weights of the activations' dtype."""
 
     dtype: str
     is_neox: bool
@@ -104,11 +105,10 @@ class Variant:
     @property
     def expression(self) -> str:
         flags = [DTYPES[self.dtype][0], "true" if self.is_neox else "false", str(self.vec),
-                 str(self.max_units), "true" if self.aligned else "false"]
-        if self.is_mrope:
-            return f"qk_norm_mrope_kernel<{', '.join(flags)}>"
-        flags.append("true" if self.packed else "false")
-        return f"qk_norm_rope_kernel<{', '.join(flags)}>"
+                 str(self.max_units), "true" if self.aligned else "false",
+                 "true" if self.packed else "false"]
+        kernel = "qk_norm_mrope_kernel" if self.is_mrope else "qk_norm_rope_kernel"
+        return f"{kernel}<{', '.join(flags)}>"
 
 
 def wide_vec(dtype: str) -> int:
@@ -119,6 +119,10 @@ def wide_vec(dtype: str) -> int:
 # Wide (16-byte) instances need 1 unit per lane except float32 past head_dim 256; the scalar
 # fallback for unaligned data holds up to 256 units per head over 32 lanes.
 _SCALAR_UNITS = 8
+# Narrow packed instances: a whole warp per head, one unit per lane (head_dim = 64 * vec).
+NARROW_VECS = {"float32": (2,), "float16": (2, 4), "bfloat16": (2, 4)}
+# Up to this many heads in a call (tokens x (Hq + Hk)) packed calls take the narrow instance.
+NARROW_MAX_HEADS = 2048
 
 
 def _build_variants() -> tuple[Variant, ...]:
@@ -129,10 +133,13 @@ def _build_variants() -> tuple[Variant, ...]:
                 vec = wide_vec(dtype)
                 for units in (1, 2) if dtype == "float32" else (1,):
                     for aligned in (True, False):
-                        for packed in (False, True) if aligned and not is_mrope else (False,):
+                        for packed in (False, True) if aligned else (False,):
                             out.append(Variant(dtype, is_neox, vec, units, is_mrope, aligned,
                                                packed))
                 out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS, is_mrope))
+                if not is_mrope:
+                    out += [Variant(dtype, is_neox, vec, 1, packed=True)
+                            for vec in NARROW_VECS[dtype]]
     return tuple(out)
 
 
@@ -141,6 +148,16 @@ _BY_KEY = {}
 for _v in VARIANTS:
     _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec, _v.is_mrope, _v.aligned, _v.packed),
                        []).append(_v)
+
+
+def narrow_vec(dtype: str, head_dim: int) -> int | None:
+    """The vec of the narrow packed instance for ``head_dim``, if there is one.
+
+    Few heads run at once in a small call, so a head's instruction chain is the call's time:
+    a warp per head gives each lane a quarter of a wide lane's elements and conversions, for
+    two more shuffles in the reduction."""
+    vec = head_dim // 64
+    return vec if head_dim % 64 == 0 and vec in NARROW_VECS[dtype] else None
 
 
 def lanes_and_units(head_dim: int, vec: int) -> tuple[int, int]:
@@ -154,15 +171,16 @@ def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int,
                    is_mrope: bool = False, aligned: bool = True, packed: bool = False) -> Variant:
     """The smallest instance that holds ``units_per_lane``; ValueError if none does. The scalar
     instances (``vec=1``) take any alignment and exist only as ``aligned=True``; ``packed`` is
-    a preference that only the 1-D wide aligned instances take."""
-    packed = packed and vec > 1 and not is_mrope and aligned
+    a preference that only the wide aligned instances take."""
+    packed = packed and vec > 1 and aligned
     for variant in _BY_KEY.get((dtype, is_neox, vec, is_mrope, aligned or vec == 1, packed), ()):
         if variant.max_units >= units_per_lane:
             return variant
     supported = sorted({(v.dtype, v.vec, v.max_units) for v in VARIANTS})
     raise ValueError(
         f"no kernel variant for dtype={dtype}, is_neox={is_neox}, vec={vec}, "
-        f"units_per_lane={units_per_lane}, is_mrope={is_mrope}; supported (dtype, vec, max_units): {supported}"
+        f"units_per_lane={units_per_lane}, is_mrope={is_mrope}; "
+        f"supported (dtype, vec, max_units): {supported}"
     )
 
 
@@ -279,7 +297,7 @@ STATIC_FIELDS = (
     "head_div_shift", "head_dim", "rotary_dim", "norm_mode", "lanes_log2", "rope_first",
     "mrope_section0", "mrope_section1", "mrope_section2", "mrope_interleaved", "mrope_rounds",
 )
-_STATICS = struct.Struct("<" + "q" * len(STATIC_FIELDS) + "d")
+_STATICS = struct.Struct("<" + "q" * len(STATIC_FIELDS) + "dd")  # then eps, 1 / head_dim
 # One pack per launch: the pointers, then the plan's pre-packed statics as raw bytes.
 _PARAMS = struct.Struct(f"<{len(POINTER_FIELDS)}Q{_STATICS.size}s")
 PARAMS_SIZE = _PARAMS.size
@@ -312,7 +330,8 @@ def fast_division(divisor: int) -> tuple[int, int]:
 
 def pack_statics(values: dict, eps: float) -> bytes:
     """The plan-constant tail of the kernel's parameter struct."""
-    return _STATICS.pack(*(int(values[name]) for name in STATIC_FIELDS), float(eps))
+    return _STATICS.pack(*(int(values[name]) for name in STATIC_FIELDS), float(eps),
+                         1.0 / values["head_dim"])
 
 
 class _ThreadBuffers(threading.local):

@@ -333,7 +333,8 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
     q_in, k_in, q_out, k_out, in elements (pointers in bytes). ``gate``: q_in holds a gate
     after each q head, copied to a third output laid out as q_out. ``packed``: an in-place
     call on a packed qkv (k heads right after q's, head stride head_dim), which takes the
-    packed instances when its tokens are one stride apart."""
+    packed instances when its tokens are one stride apart, the cache is float32 and the
+    weights have the activations' dtype."""
     num_tokens = math.prod(lead)
     num_heads = num_q_heads * (2 if gate else 1) + num_k_heads
     if num_tokens * num_heads >= _MAX_HEAD_ITEMS:
@@ -371,9 +372,13 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
     # that splits a vector, take the element-wise one.
     if not (all(side_ok) and rotary_dim % (2 * vec) == 0 and cache.strides[0] % vec == 0):
         vec = 1
+    packed = (packed and n_inner == 1 and cache.dtype == "float32" and weight_dtype == act_dtype)
+    if (packed and data_ok and vec > 1 and mrope_section is None
+            and num_tokens * num_heads <= _jit.NARROW_MAX_HEADS):
+        vec = _jit.narrow_vec(act_dtype, head_dim) or vec
     lanes, units = _jit.lanes_and_units(head_dim, vec)
     variant = _jit.select_variant(act_dtype, is_neox, vec, units, mrope_section is not None,
-                                  aligned=data_ok, packed=packed and n_inner == 1)
+                                  aligned=data_ok, packed=packed)
 
     sections = tuple(mrope_section) if mrope_section is not None else (0, 0, 0)
     statics = {

@@ -43,7 +43,9 @@ struct HeadStrides {
 /// host packs it with a flat format and no padding rules apply; the order is mirrored by
 /// POINTER_FIELDS and STATIC_FIELDS in cuqk/_jit.py (a CPU test compares them). Pointers come
 /// first so a launch rewrites only the leading bytes of a plan's packed struct. A null
-/// positions pointer means token t reads cache row t.
+/// positions pointer means token t reads cache row t. inv_head_dim comes from the host because
+/// a float division is a dozen instructions and a slow-path check on the chain between a
+/// head's reduction and its first store.
 struct QkNormRopeParams {
   long long q_in, k_in, q_out, k_out, gate_out, positions, cache, q_weight, k_weight;
   HeadStrides q_in_strides, k_in_strides, q_out_strides, k_out_strides;
@@ -52,7 +54,7 @@ struct QkNormRopeParams {
   long long num_tokens, tokens_inner, num_q_heads, num_k_heads, head_div_magic, head_div_shift;
   long long head_dim, rotary_dim, norm_mode, lanes_log2, rope_first;
   long long mrope_section0, mrope_section1, mrope_section2, mrope_interleaved, mrope_rounds;
-  double eps;
+  double eps, inv_head_dim;
 };
 
 enum NormMode { NORM_NONE = 0, NORM_RMS = 1, NORM_GEMMA = 2 };
@@ -108,16 +110,24 @@ __device__ __forceinline__ int mrope_section_of(int j, const QkNormRopeParams& p
 
 /// \brief cos and sin of frequencies [freq, freq + VEC) for a token at position pos.
 /// Positions outside [0, max_position) read row 0 and yield NaN: loud, never out of bounds.
-template <int VEC>
+/// \tparam CACHE_F32 the cache is float32 (else its dtype is read at run time)
+template <int VEC, bool CACHE_F32>
 __device__ __forceinline__ void load_cos_sin(const QkNormRopeParams& p, long long pos, int freq,
                                              float (&c)[VEC], float (&s)[VEC]) {
   const float nan = __int_as_float(0x7fc00000);
-  const void* cache = reinterpret_cast<const void*>(p.cache);
-  const int cache_dtype = static_cast<int>(p.cache_dtype);
   const bool ok = pos >= 0 && pos < p.max_position;
-  const long long row = (ok ? pos : 0) * p.cache_row_stride;
-  load_as_float_dyn<VEC>(cache, row + freq, cache_dtype, c);
-  load_as_float_dyn<VEC>(cache, row + static_cast<int>(p.rotary_dim) / 2 + freq, cache_dtype, s);
+  const long long at = (ok ? pos : 0) * p.cache_row_stride + freq;
+  const int half = static_cast<int>(p.rotary_dim) / 2;
+  if constexpr (CACHE_F32) {
+    const float* cache = reinterpret_cast<const float*>(p.cache) + at;
+    load_as_float<float, VEC>(cache, c);
+    load_as_float<float, VEC>(cache + half, s);
+  } else {
+    const void* cache = reinterpret_cast<const void*>(p.cache);
+    const int cache_dtype = static_cast<int>(p.cache_dtype);
+    load_as_float_dyn<VEC>(cache, at, cache_dtype, c);
+    load_as_float_dyn<VEC>(cache, at + half, cache_dtype, s);
+  }
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
     c[i] = ok ? c[i] : nan;
@@ -185,6 +195,12 @@ __device__ __forceinline__ void gather_mrope_rows(const QkNormRopeParams& p, con
   }
 }
 
+/// \brief A unit's side inputs: weights for its two vectors, cos and sin of its frequencies.
+template <int VEC>
+struct SideInputs {
+  float wa[VEC], wb[VEC], c[VEC], s[VEC];
+};
+
 /// \brief Rotates the VEC pairs of one rotary unit in place (see the pair layout above).
 template <bool IS_NEOX, int VEC>
 __device__ __forceinline__ void rotate_unit(float (&y)[2 * VEC], const float (&c)[VEC],
@@ -207,11 +223,12 @@ __device__ __forceinline__ void rotate_unit(float (&y)[2 * VEC], const float (&c
 /// \tparam IS_MROPE  three positions per token, frequencies split between them
 /// \tparam ALIGNED   q, k and their outputs are 16-byte aligned at every vector; otherwise each
 ///                   access follows its address's alignment (views that start mid-vector)
-/// \tparam PACKED    in place on a packed qkv whose tokens are one stride apart (the host
-///                   checks): head h of token t is at q_in + t * row stride + h * head_dim, k
-///                   heads following q's. Half the address arithmetic before a head's first
-///                   load, which is most of a small call's time (Qwen3-8B, T=1: 227 SASS
-///                   instructions before the load of q in the general instance, 106 here)
+/// \tparam PACKED    in place on a packed qkv whose tokens are one stride apart, with a
+///                   float32 cache and weights of T_IN (the host checks): head h of token t is
+///                   at q_in + t * row stride + h * head_dim, k heads following q's. Half the
+///                   address arithmetic before a head's first load, which is most of a small
+///                   call's time (Qwen3-8B, T=1: 227 SASS instructions before the load of q in
+///                   the general instance, 106 here), and no run-time dtype branches after it
 ///
 /// The host launches at most as many blocks as are resident at once, and each group strides
 /// over the heads: no block slot waits for the slowest warp of a finished block before the
@@ -220,6 +237,10 @@ template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool IS_MROPE, bo
           bool PACKED>
 __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   constexpr int UNIT = 2 * VEC;
+  // Narrow (whole-warp) packed instances serve small calls, whose time is one head's chain:
+  // their side loads go out with the data, before the reduction, where a lane's few elements
+  // leave the registers for it.
+  constexpr bool SIDE_FIRST = PACKED && !IS_MROPE && VEC * sizeof(T_IN) < 16;
   // A block works on a window of rounds * heads_per_block consecutive heads between two
   // barriers (mRoPE needs one per window of rows; the 1-D path needs none). Two buffers: the
   // rows of the next window are fetched while the block works on the current one. Each thread
@@ -349,9 +370,35 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           load_as_float<float, VEC>(rows + freq, c);
           load_as_float<float, VEC>(rows + rotary_dim / 2 + freq, s);
         } else {
-          load_cos_sin<VEC>(p, pos, freq, c, s);
+          load_cos_sin<VEC, PACKED>(p, pos, freq, c, s);
         }
       };
+
+      const long long weight = is_q ? p.q_weight : p.k_weight;
+      const bool has_weight = weight != 0 && norm_mode != NORM_NONE;
+      const auto load_weights = [&](int off_a, int off_b, float(&wa)[VEC], float(&wb)[VEC]) {
+        if constexpr (PACKED) {
+          const T_IN* w = reinterpret_cast<const T_IN*>(weight);
+          load_as_float<T_IN, VEC>(w + off_a, wa);
+          load_as_float<T_IN, VEC>(w + off_b, wb);
+        } else {
+          const void* w = reinterpret_cast<const void*>(weight);
+          load_as_float_dyn<VEC>(w, off_a, static_cast<int>(p.weight_dtype), wa);
+          load_as_float_dyn<VEC>(w, off_b, static_cast<int>(p.weight_dtype), wb);
+        }
+      };
+      SideInputs<VEC> early[SIDE_FIRST ? MAX_UNITS : 1];
+      if constexpr (SIDE_FIRST) {
+#pragma unroll
+        for (int u = 0; u < MAX_UNITS; ++u) {
+          const int k = lane + u * lanes;
+          if (!active || k >= n_units) continue;
+          int off_a, off_b;
+          unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
+          if (has_weight) load_weights(off_a, off_b, early[u].wa, early[u].wb);
+          if (!rope_first && k < n_rot_units) cos_sin(k * VEC, early[u].c, early[u].s);
+        }
+      }
 
       float sum_sq = 0.f;
 #pragma unroll
@@ -369,9 +416,8 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
 
       float scale = 1.f;
       if (norm_mode != NORM_NONE) {
-        scale = rsqrtf(group_sum(sum_sq, lanes) / static_cast<float>(head_dim) + eps);
+        scale = rsqrtf(group_sum(sum_sq, lanes) * static_cast<float>(p.inv_head_dim) + eps);
       }
-      const long long weight = is_q ? p.q_weight : p.k_weight;
 
 #pragma unroll
       for (int u = 0; u < MAX_UNITS; ++u) {
@@ -382,22 +428,21 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
         float y[UNIT];
 #pragma unroll
         for (int i = 0; i < UNIT; ++i) y[i] = x[u][i] * scale;
-        if (weight != 0 && norm_mode != NORM_NONE) {
-          float wa[VEC], wb[VEC];
-          const void* w = reinterpret_cast<const void*>(weight);
-          load_as_float_dyn<VEC>(w, off_a, static_cast<int>(p.weight_dtype), wa);
-          load_as_float_dyn<VEC>(w, off_b, static_cast<int>(p.weight_dtype), wb);
+        // Other instances load the weights, use them, then load cos and sin: holding both at
+        // once took the wide ones from 56 to 90 registers (2 blocks per SM instead of 4).
+        SideInputs<VEC>& side = early[SIDE_FIRST ? u : 0];
+        if (has_weight) {
+          if constexpr (!SIDE_FIRST) load_weights(off_a, off_b, side.wa, side.wb);
           const float shift = norm_mode == NORM_GEMMA ? 1.f : 0.f;
 #pragma unroll
           for (int i = 0; i < VEC; ++i) {
-            y[i] *= wa[i] + shift;
-            y[VEC + i] *= wb[i] + shift;
+            y[i] *= side.wa[i] + shift;
+            y[VEC + i] *= side.wb[i] + shift;
           }
         }
         if (!rope_first && k < n_rot_units) {
-          float c[VEC], s[VEC];
-          cos_sin(k * VEC, c, s);
-          rotate_unit<IS_NEOX, VEC>(y, c, s);
+          if constexpr (!SIDE_FIRST) cos_sin(k * VEC, side.c, side.s);
+          rotate_unit<IS_NEOX, VEC>(y, side.c, side.s);
         }
         float ya[VEC], yb[VEC];
 #pragma unroll
@@ -432,8 +477,8 @@ __global__ void __launch_bounds__(BLOCK_THREADS) qk_norm_rope_kernel(const QkNor
 /// alone, the scalar (VEC=1) instances hoist their shared-memory loads and take 125 registers;
 /// bounded to 4 blocks per SM the others take 56-62 registers, the scalar GPT-J instances 64
 /// with about 100 bytes of spills (the unaligned path, slow for other reasons).
-template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED>
+template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED, bool PACKED>
 __global__ void __launch_bounds__(BLOCK_THREADS, 4)
     qk_norm_mrope_kernel(const QkNormRopeParams p) {
-  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true, ALIGNED, false>(p);
+  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true, ALIGNED, PACKED>(p);
 }

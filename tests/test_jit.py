@@ -16,11 +16,9 @@ def test_variant_names_and_expressions_are_unique():
     assert len({v.name for v in _jit.VARIANTS}) == len(_jit.VARIANTS)
     assert len({v.expression for v in _jit.VARIANTS}) == len(_jit.VARIANTS)
     for v in _jit.VARIANTS:
-        flags = r"<\w+, (true|false), \d+, \d+, (true|false)"
-        if v.is_mrope:
-            assert re.fullmatch("qk_norm_mrope_kernel" + flags + ">", v.expression)
-        else:
-            assert re.fullmatch("qk_norm_rope_kernel" + flags + ", (true|false)>", v.expression)
+        kernel = "qk_norm_mrope_kernel" if v.is_mrope else "qk_norm_rope_kernel"
+        flags = r"<\w+, (true|false), \d+, \d+, (true|false), (true|false)>"
+        assert re.fullmatch(kernel + flags, v.expression)
 
 
 @pytest.mark.parametrize("dtype", list(_jit.DTYPES))
@@ -40,8 +38,8 @@ def test_every_head_dim_dispatches(dtype, is_neox, wide, is_mrope, aligned, pack
         assert variant.is_mrope == is_mrope
         # The scalar instances take any alignment; the wide ones come in both.
         assert variant.aligned == (aligned or vec == 1)
-        # Packed addressing: 1-D wide aligned instances only; the others fall back.
-        assert variant.packed == (packed and wide and aligned and not is_mrope)
+        # Packed addressing: wide aligned instances only; the others fall back.
+        assert variant.packed == (packed and wide and aligned)
 
 
 def test_unsupported_key_lists_supported_values():
@@ -67,7 +65,7 @@ def test_param_struct_matches_kernel_source():
                 names += [f"{name.removesuffix('_strides')}_{s}" for s in sub_names]
             else:
                 names.append(name)
-    assert names == [*_jit.POINTER_FIELDS, *_jit.STATIC_FIELDS, "eps"]
+    assert names == [*_jit.POINTER_FIELDS, *_jit.STATIC_FIELDS, "eps", "inv_head_dim"]
 
 
 def test_kernel_constants_match_the_host():

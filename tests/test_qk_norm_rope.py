@@ -805,20 +805,78 @@ def test_gpu_dispatch_realigns_views_and_keeps_scalar_for_misaligned_weights(dty
     assert scalar.vec == 1
 
 
+def _packed_plan_variant(tokens, head_dim=128, dtype="bfloat16", cache_dtype="float32",
+                         mrope=False, hq=32, hk=8):
+    """The variant an in-place call on an aligned packed [tokens, width] qkv would launch
+    (planned from array descriptions on device 0: no GPU needed)."""
+    qnr = sys.modules["cuqk.qk_norm_rope"]
+    info = cuqk._interop.ArrayInfo
+    width = (hq + 2 * hk) * head_dim
+    k_offset = hq * head_dim * cuqk._jit.DTYPES[dtype][1]
+    heads = [(1 << 20, (width,), head_dim), ((1 << 20) + k_offset, (width,), head_dim)] * 2
+    positions = (info("torch", (3, tokens), (tokens, 1), "int64", 0, 1 << 30) if mrope else
+                 info("torch", (tokens,), (1,), "int64", 0, 1 << 30))
+    weight = info("torch", (head_dim,), (1,), dtype, 0, 1 << 31)
+    cache = info("torch", (4096, head_dim), (head_dim, 1), cache_dtype, 0, 1 << 32)
+    plan = qnr._build_plan(
+        "torch", 0, dtype, (tokens,), heads, positions, weight, weight, cache, num_q_heads=hq,
+        num_k_heads=hk, head_dim=head_dim, rotary_dim=head_dim, weight_dtype=dtype, eps=1e-6,
+        is_neox=True, norm="rms", rope_first=False,
+        mrope_section=(16, 24, 24) if mrope else None, mrope_interleaved=False, packed=True)
+    return plan.variant
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_small_packed_calls_take_a_warp_per_head(dtype):
+    """Up to NARROW_MAX_HEADS heads a packed call takes the narrow instance where head_dim has
+    one (64 * vec), past that the wide one; mRoPE and other side dtypes never take it."""
+    limit = cuqk._jit.NARROW_MAX_HEADS // 40
+    wide = cuqk._jit.wide_vec(dtype)
+    for head_dim in (64, 128, 256):
+        narrow = cuqk._jit.narrow_vec(dtype, head_dim)
+        small = _packed_plan_variant(limit, head_dim, dtype)
+        assert small.packed and small.vec == (narrow or wide)
+        if narrow:
+            assert cuqk._jit.lanes_and_units(head_dim, small.vec) == (32, 1)
+        large = _packed_plan_variant(limit + 1, head_dim, dtype)
+        assert large.packed and large.vec == wide
+    assert cuqk._jit.narrow_vec(dtype, 128) is not None
+    assert _packed_plan_variant(1, dtype=dtype, mrope=True).vec == wide
+    general = _packed_plan_variant(1, dtype=dtype, cache_dtype="float16")
+    assert not general.packed and general.vec == wide
+
+
 @requires_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("is_neox", [True, False])
-def test_gpu_packed_instance_for_one_stride_tokens_matches_the_general_one(dtype, is_neox):
+@pytest.mark.parametrize("D", [128, 256])
+@pytest.mark.parametrize("flags", [{}, {"T": 1}, {"norm": "gemma"},
+                                   {"norm": "none", "weight": None}, {"rope_first": True},
+                                   {"rotary": 64}], ids=str)
+def test_gpu_small_packed_calls_match_reference(dtype, is_neox, D, flags):
+    """The narrow (warp per head) instances, where head_dim has one, in every flag's path."""
+    run_packed(**{"dtype": dtype, "D": D, "is_neox": is_neox, "T": 5, **flags})
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("mrope", [None, "interleaved"])
+def test_gpu_packed_instance_for_one_stride_tokens_matches_the_general_one(dtype, is_neox, mrope):
     """An in-place call whose tokens are one stride apart takes the packed instance; the same
-    data laid out so the leading dims do not fold (and the split op) take the general one, with
-    the same bits."""
+    data laid out so the leading dims do not fold takes the general one, with the same bits, as
+    do a cache that is not float32 and weights of another dtype."""
     qnr = sys.modules["cuqk.qk_norm_rope"]
     gen = torch.Generator(device="cuda").manual_seed(11)
-    B, S, Hq, Hk, Hv, D = 3, 5, 4, 2, 1, 128
+    B, Hq, Hk, Hv, D = 3, 4, 2, 1, 128
+    # Enough heads for the wide packed instance, which sums a head in the general one's order.
+    S = cuqk._jit.NARROW_MAX_HEADS // (B * (Hq + Hk)) + 1
     width = (Hq + Hk + Hv) * D
     tdt = TORCH_DTYPES[dtype]
+    section = (16, 24, 24) if mrope else None
+    flags = {"mrope_section": section, "mrope_interleaved": mrope == "interleaved"}
     dims = {"num_q_heads": Hq, "num_kv_heads": Hk, "num_v_heads": Hv, "head_dim": D}
-    pos = torch.randint(0, 64, (B, S), generator=gen, device="cuda")
+    pos = torch.randint(0, 64, (3, B, S) if mrope else (B, S), generator=gen, device="cuda")
     cache = torch.from_numpy(cos_sin_cache64(64, D)).cuda().float()
     w = (1 + 0.2 * torch.randn(D, generator=gen, device="cuda")).to(tdt)
     flat = torch.randn(B, S, width, generator=gen, device="cuda").to(tdt)
@@ -826,14 +884,20 @@ def test_gpu_packed_instance_for_one_stride_tokens_matches_the_general_one(dtype
     gapped = gap_buffer[:, :S]
     gapped.copy_(flat)
 
-    def chosen(qkv, positions=pos):
-        return qnr._plan_packed(qkv, positions, w, w, cache, Hq, Hk, D, Hv, 1e-6, is_neox, None,
-                                "rms", False, None, False).variant
+    def chosen(qkv, positions=pos, weight=w, table=cache):
+        return qnr._plan_packed(qkv, positions, weight, weight, table, Hq, Hk, D, Hv, 1e-6,
+                                is_neox, None, "rms", False, section,
+                                flags["mrope_interleaved"]).variant
 
-    assert chosen(flat).packed and chosen(flat.view(B * S, width), pos.view(-1)).packed
+    rows = pos.view(*pos.shape[:-2], B * S)
+    assert chosen(flat).packed and chosen(flat.view(B * S, width), rows).packed
     assert not chosen(gapped).packed and chosen(gapped).aligned
-    cuqk.qk_norm_rope_(flat, pos, w, w, cache, is_neox=is_neox, **dims)
-    cuqk.qk_norm_rope_(gapped, pos, w, w, cache, is_neox=is_neox, **dims)
+    other = torch.float32 if dtype != "float32" else torch.bfloat16
+    assert not chosen(flat, weight=w.to(other)).packed
+    assert not chosen(flat, table=cache.to(torch.float16)).packed
+    assert chosen(flat).is_mrope == bool(mrope)
+    cuqk.qk_norm_rope_(flat, pos, w, w, cache, is_neox=is_neox, **dims, **flags)
+    cuqk.qk_norm_rope_(gapped, pos, w, w, cache, is_neox=is_neox, **dims, **flags)
     torch.cuda.synchronize()
     assert torch.equal(flat, gapped)
     assert torch.isnan(gap_buffer[:, S]).all()
