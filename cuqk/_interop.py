@@ -85,10 +85,6 @@ def _numpy_key(x):
     return (x.shape, x.strides, x.dtype, CPU, x.ctypes.data & 15)
 
 
-def _torch_pointer(x):
-    return x.data_ptr()
-
-
 def _cupy_pointer(x):
     return x.data.ptr
 
@@ -98,8 +94,23 @@ def _numpy_pointer(x):
 
 
 _KEYS = {"torch": _torch_key, "cupy": _cupy_key, "numpy": _numpy_key}
-POINTERS = {"torch": _torch_pointer, "cupy": _cupy_pointer, "numpy": _numpy_pointer}
 _KEY_BY_TYPE = {type(None): lambda x: None}
+
+
+def key_function(framework_name: str):
+    """``key`` for arrays of one framework, without the dispatch on type: what a caller that
+    knows the framework uses on its per-call path. Other arrays raise AttributeError."""
+    return _KEYS[framework_name]
+
+
+def pointer_function(framework_name: str):
+    """A function array -> data pointer (bytes) for arrays of one framework."""
+    if framework_name == "torch":
+        import torch
+
+        # The C method itself: no Python frame around it on the per-call path.
+        return torch.Tensor.data_ptr
+    return {"cupy": _cupy_pointer, "numpy": _numpy_pointer}[framework_name]
 
 
 def key(x):

@@ -289,15 +289,16 @@ POINTER_FIELDS = (
     "q_in", "k_in", "q_out", "k_out", "gate_out", "positions", "cache", "q_weight", "k_weight",
 )
 STATIC_FIELDS = (
+    "num_tokens", "num_q_heads", "num_k_heads", "head_div_magic", "head_div_shift",
+    "head_dim", "rotary_dim", "norm_mode", "lanes_log2", "rope_first", "eps", "inv_head_dim",
+    "pos_stride_outer", "pos_is_int64", "cache_row_stride", "max_position",
     "q_in_outer", "q_in_inner", "q_in_head", "k_in_outer", "k_in_inner", "k_in_head",
     "q_out_outer", "q_out_inner", "q_out_head", "k_out_outer", "k_out_inner", "k_out_head",
-    "pos_stride_outer", "pos_stride_inner", "pos_stride_section", "pos_is_int64",
-    "cache_row_stride", "max_position", "cache_dtype", "weight_dtype",
-    "num_tokens", "tokens_inner", "num_q_heads", "num_k_heads", "head_div_magic",
-    "head_div_shift", "head_dim", "rotary_dim", "norm_mode", "lanes_log2", "rope_first",
+    "pos_stride_inner", "pos_stride_section", "cache_dtype", "weight_dtype", "tokens_inner",
     "mrope_section0", "mrope_section1", "mrope_section2", "mrope_interleaved", "mrope_rounds",
 )
-_STATICS = struct.Struct("<" + "q" * len(STATIC_FIELDS) + "dd")  # then eps, 1 / head_dim
+DOUBLE_FIELDS = ("eps", "inv_head_dim")  # the struct's doubles; the other fields are long long
+_STATICS = struct.Struct("<" + "".join("d" if n in DOUBLE_FIELDS else "q" for n in STATIC_FIELDS))
 # One pack per launch: the pointers, then the plan's pre-packed statics as raw bytes.
 _PARAMS = struct.Struct(f"<{len(POINTER_FIELDS)}Q{_STATICS.size}s")
 PARAMS_SIZE = _PARAMS.size
@@ -328,10 +329,11 @@ def fast_division(divisor: int) -> tuple[int, int]:
     return -(-(1 << shift) // divisor), shift
 
 
-def pack_statics(values: dict, eps: float) -> bytes:
-    """The plan-constant tail of the kernel's parameter struct."""
-    return _STATICS.pack(*(int(values[name]) for name in STATIC_FIELDS), float(eps),
-                         1.0 / values["head_dim"])
+def pack_statics(values: dict) -> bytes:
+    """The plan-constant tail of the kernel's parameter struct (``inv_head_dim`` is derived)."""
+    values = {**values, "inv_head_dim": 1.0 / values["head_dim"]}
+    return _STATICS.pack(*(float(values[name]) if name in DOUBLE_FIELDS else int(values[name])
+                           for name in STATIC_FIELDS))
 
 
 class _ThreadBuffers(threading.local):

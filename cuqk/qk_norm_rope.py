@@ -339,7 +339,7 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
     num_heads = num_q_heads * (2 if gate else 1) + num_k_heads
     if num_tokens * num_heads >= _MAX_HEAD_ITEMS:
         raise ValueError(f"{num_tokens} tokens x {num_heads} heads exceeds 2**31 heads per call")
-    pointer = _interop.POINTERS[fw]
+    pointer = _interop.pointer_function(fw)
     if device == CPU or num_tokens == 0:
         return _Plan(fw, device, None, 0, b"", k_offset, out_shapes, pointer, None, [],
                      grad_inputs)
@@ -390,7 +390,7 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         "num_tokens": num_tokens, "tokens_inner": n_inner,
         "num_q_heads": num_q_heads, "num_k_heads": num_k_heads, "head_dim": head_dim,
         **dict(zip(("head_div_magic", "head_div_shift"), _jit.fast_division(num_heads))),
-        "rotary_dim": rotary_dim, "norm_mode": NORM_CODES[norm],
+        "rotary_dim": rotary_dim, "norm_mode": NORM_CODES[norm], "eps": eps,
         "lanes_log2": lanes.bit_length() - 1,
         "rope_first": rope_first, "mrope_section0": sections[0], "mrope_section1": sections[1],
         "mrope_section2": sections[2], "mrope_interleaved": mrope_interleaved,
@@ -403,7 +403,7 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         statics[f"{prefix}_head"] = head_stride
     heads_per_block = _jit.BLOCK_THREADS // lanes
     blocks = min(-(-(num_tokens * num_heads) // heads_per_block), 2**31 - 1)
-    return _Plan(fw, device, variant, blocks, _jit.pack_statics(statics, eps), k_offset,
+    return _Plan(fw, device, variant, blocks, _jit.pack_statics(statics), k_offset,
                  out_shapes, pointer, _interop.stream_getter(fw), [], grad_inputs)
 
 
@@ -756,7 +756,8 @@ class QkNormRope:
                  norm="rms", rope_first=False, mrope_section=None, mrope_interleaved=False):
         _check_flags(eps, is_neox, norm, rope_first, mrope_interleaved)
         framework = _interop.framework(cos_sin_cache)
-        self._pointer = _interop.POINTERS[framework]
+        self._pointer = _interop.pointer_function(framework)
+        self._key = _interop.key_function(framework)
         self._grad_enabled = None
         if framework == "torch":
             import torch
@@ -783,8 +784,10 @@ class QkNormRope:
         if side != self._side:
             self._plans.clear()
             self._side = side
-        key = _interop.key
-        plan_key = (key(qkv), key(positions))
+        try:
+            plan_key = (self._key(qkv), None if positions is None else self._key(positions))
+        except AttributeError:  # not the bound arrays' framework: planning says so
+            plan_key = (_interop.key(qkv), _interop.key(positions))
         plan = self._plans.get(plan_key)
         if plan is None:
             plan = _plan_packed(qkv, positions, q_weight, k_weight, cache, **self._kwargs)

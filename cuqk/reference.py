@@ -111,7 +111,8 @@ def norm_rope_heads(x, positions, weight, cos_sin_cache, *, eps=1e-6, is_neox=Tr
 
 
 def qk_norm_rope(q, k, positions, q_weight, k_weight, cos_sin_cache, **kwargs):
-    """Out-of-place reference: float64 ``(q_out, k_out)`` for ``q [..., Hq, D]``, ``k [..., Hk, D]``."""
+    """Out-of-place reference: float64 ``(q_out, k_out)`` for ``q [..., Hq, D]`` and
+    ``k [..., Hk, D]``."""
     return (norm_rope_heads(q, positions, q_weight, cos_sin_cache, **kwargs),
             norm_rope_heads(k, positions, k_weight, cos_sin_cache, **kwargs))
 

@@ -42,19 +42,21 @@ struct HeadStrides {
 /// \brief Kernel arguments, passed by value as one struct. Every field is 8 bytes, so the
 /// host packs it with a flat format and no padding rules apply; the order is mirrored by
 /// POINTER_FIELDS and STATIC_FIELDS in cuqk/_jit.py (a CPU test compares them). Pointers come
-/// first so a launch rewrites only the leading bytes of a plan's packed struct. A null
-/// positions pointer means token t reads cache row t. inv_head_dim comes from the host because
-/// a float division is a dozen instructions and a slow-path check on the chain between a
-/// head's reduction and its first store.
+/// first so a launch rewrites only the leading bytes of a plan's packed struct; then what every
+/// instance reads before a head's first store, so that a small call's first constant loads
+/// miss in few cache lines; the fields of other layouts and of mRoPE last. A null positions
+/// pointer means token t reads cache row t. inv_head_dim comes from the host because a float
+/// division is a dozen instructions and a slow-path check on the chain between a head's
+/// reduction and its first store.
 struct QkNormRopeParams {
   long long q_in, k_in, q_out, k_out, gate_out, positions, cache, q_weight, k_weight;
-  HeadStrides q_in_strides, k_in_strides, q_out_strides, k_out_strides;
-  long long pos_stride_outer, pos_stride_inner, pos_stride_section, pos_is_int64;
-  long long cache_row_stride, max_position, cache_dtype, weight_dtype;
-  long long num_tokens, tokens_inner, num_q_heads, num_k_heads, head_div_magic, head_div_shift;
+  long long num_tokens, num_q_heads, num_k_heads, head_div_magic, head_div_shift;
   long long head_dim, rotary_dim, norm_mode, lanes_log2, rope_first;
-  long long mrope_section0, mrope_section1, mrope_section2, mrope_interleaved, mrope_rounds;
   double eps, inv_head_dim;
+  long long pos_stride_outer, pos_is_int64, cache_row_stride, max_position;
+  HeadStrides q_in_strides, k_in_strides, q_out_strides, k_out_strides;
+  long long pos_stride_inner, pos_stride_section, cache_dtype, weight_dtype, tokens_inner;
+  long long mrope_section0, mrope_section1, mrope_section2, mrope_interleaved, mrope_rounds;
 };
 
 enum NormMode { NORM_NONE = 0, NORM_RMS = 1, NORM_GEMMA = 2 };
@@ -237,10 +239,11 @@ template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool IS_MROPE, bo
           bool PACKED>
 __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   constexpr int UNIT = 2 * VEC;
-  // Narrow (whole-warp) packed instances serve small calls, whose time is one head's chain:
-  // their side loads go out with the data, before the reduction, where a lane's few elements
-  // leave the registers for it.
-  constexpr bool SIDE_FIRST = PACKED && !IS_MROPE && VEC * sizeof(T_IN) < 16;
+  // Narrow packed instances (a warp per head, head_dim = 64 * VEC: the host checks) serve small
+  // calls, whose time is one head's chain: the head's geometry is known at compile time, and
+  // the side loads go out with the data, before the reduction, where a lane's few elements
+  // leave the registers for them.
+  constexpr bool NARROW = PACKED && !IS_MROPE && VEC * sizeof(T_IN) < 16;
   // A block works on a window of rounds * heads_per_block consecutive heads between two
   // barriers (mRoPE needs one per window of rows; the 1-D path needs none). Two buffers: the
   // rows of the next window are fetched while the block works on the current one. Each thread
@@ -248,7 +251,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   // with more entries (few heads per token) gathers the rest after it.
   constexpr int MROPE_AHEAD = 3;
   __shared__ __align__(16) float mrope_rows[IS_MROPE ? 2 : 1][IS_MROPE ? MROPE_ROW_FLOATS : 1];
-  const int lanes_log2 = static_cast<int>(p.lanes_log2);
+  const int lanes_log2 = NARROW ? 5 : static_cast<int>(p.lanes_log2);
   const int lanes = 1 << lanes_log2;
   const int lane = threadIdx.x & (lanes - 1);
   const unsigned heads_per_block = BLOCK_THREADS >> lanes_log2;
@@ -256,7 +259,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   const unsigned num_qk_heads = num_q_heads + static_cast<unsigned>(p.num_k_heads);
   const unsigned num_heads = num_qk_heads + (p.gate_out ? num_q_heads : 0u);
   const unsigned total = static_cast<unsigned>(p.num_tokens) * num_heads;
-  const int head_dim = static_cast<int>(p.head_dim);
+  const int head_dim = NARROW ? 64 * VEC : static_cast<int>(p.head_dim);
   const int rotary_dim = static_cast<int>(p.rotary_dim);
   const int n_units = head_dim / UNIT;
   const int n_rot_units = rotary_dim / UNIT;
@@ -296,7 +299,8 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
       __syncthreads();
       window_token = head_token(window, p);
     }
-    const unsigned window_end = min(window + window_heads, total);
+    // One round per window without mRoPE: a bound the compiler sees as one pass.
+    const unsigned window_end = IS_MROPE ? min(window + window_heads, total) : window + 1u;
     for (unsigned block_item = window; block_item < window_end; block_item += heads_per_block) {
       const unsigned item = block_item + (threadIdx.x >> lanes_log2);
       const bool active = item < total;
@@ -387,8 +391,8 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           load_as_float_dyn<VEC>(w, off_b, static_cast<int>(p.weight_dtype), wb);
         }
       };
-      SideInputs<VEC> early[SIDE_FIRST ? MAX_UNITS : 1];
-      if constexpr (SIDE_FIRST) {
+      SideInputs<VEC> early[NARROW ? MAX_UNITS : 1];
+      if constexpr (NARROW) {
 #pragma unroll
         for (int u = 0; u < MAX_UNITS; ++u) {
           const int k = lane + u * lanes;
@@ -416,7 +420,8 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
 
       float scale = 1.f;
       if (norm_mode != NORM_NONE) {
-        scale = rsqrtf(group_sum(sum_sq, lanes) * static_cast<float>(p.inv_head_dim) + eps);
+        const float inv_head_dim = NARROW ? 1.f / head_dim : static_cast<float>(p.inv_head_dim);
+        scale = rsqrtf(group_sum(sum_sq, lanes) * inv_head_dim + eps);
       }
 
 #pragma unroll
@@ -430,9 +435,9 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
         for (int i = 0; i < UNIT; ++i) y[i] = x[u][i] * scale;
         // Other instances load the weights, use them, then load cos and sin: holding both at
         // once took the wide ones from 56 to 90 registers (2 blocks per SM instead of 4).
-        SideInputs<VEC>& side = early[SIDE_FIRST ? u : 0];
+        SideInputs<VEC>& side = early[NARROW ? u : 0];
         if (has_weight) {
-          if constexpr (!SIDE_FIRST) load_weights(off_a, off_b, side.wa, side.wb);
+          if constexpr (!NARROW) load_weights(off_a, off_b, side.wa, side.wb);
           const float shift = norm_mode == NORM_GEMMA ? 1.f : 0.f;
 #pragma unroll
           for (int i = 0; i < VEC; ++i) {
@@ -441,7 +446,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           }
         }
         if (!rope_first && k < n_rot_units) {
-          if constexpr (!SIDE_FIRST) cos_sin(k * VEC, side.c, side.s);
+          if constexpr (!NARROW) cos_sin(k * VEC, side.c, side.s);
           rotate_unit<IS_NEOX, VEC>(y, side.c, side.s);
         }
         float ya[VEC], yb[VEC];

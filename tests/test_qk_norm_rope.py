@@ -1161,6 +1161,19 @@ def test_cpu_bound_op_checks_bad_arrays_at_the_call_and_writes_nothing():
     assert np.array_equal(arrays["qkv"], before)
 
 
+def test_cpu_bound_op_names_a_qkv_of_another_framework_and_takes_no_positions():
+    torch = pytest.importorskip("torch")
+    arrays, dims = _numpy_case(seed=8)
+    t = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    op = cuqk.QkNormRope(t["q_weight"], t["k_weight"], t["cos_sin_cache"], **dims)
+    with pytest.raises(TypeError, match="torch array but qkv is a numpy array"):
+        op(arrays["qkv"], arrays["positions"])
+    got = op(t["qkv"].clone(), None)
+    want = cuqk.qk_norm_rope_(t["qkv"].clone(), None, t["q_weight"], t["k_weight"],
+                              t["cos_sin_cache"], **dims)
+    assert torch.equal(got, want)
+
+
 def test_cpu_bound_op_rechecks_an_array_whose_memory_moved():
     torch = pytest.importorskip("torch")
     arrays, dims = _numpy_case(seed=6)
