@@ -81,9 +81,10 @@ class Variant:
     """One template instance of ``qk_norm_rope_kernel`` (``qk_norm_mrope_kernel`` for mRoPE).
 
     ``aligned=False``: a wide instance for q and k that are only element-aligned (views that
-    start mid-vector); each access then follows its address's alignment. ``packed``: a wide aligned
+    start mid-vector); each access then follows its address's alignment. ``packed``: an aligned
     instance for in-place calls on a packed qkv whose tokens are one stride apart, with a
-    float32 cache and weights of the activations' dtype."""
+    float32 cache and weights of the activations' dtype; with ``vec`` below ``wide_vec`` it is
+    a narrow one, a warp per head for small calls (``narrow_vec``)."""
 
     dtype: str
     is_neox: bool
