@@ -95,6 +95,11 @@ class Variant:
     packed: bool = False
 
     @property
+    def narrow(self) -> bool:
+        """A warp per head (``vec`` below ``wide_vec``): the kernel's NARROW."""
+        return self.packed and not self.is_mrope and self.vec < wide_vec(self.dtype)
+
+    @property
     def name(self) -> str:
         style = "neox" if self.is_neox else "gptj"
         mrope = "_mrope" if self.is_mrope else ""

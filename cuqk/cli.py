@@ -122,8 +122,7 @@ def _selftest_gpu_variant(variant, rng):
     """None if ``variant`` matches the reference, else what went wrong."""
     from .qk_norm_rope import _plan_packed, qk_norm_rope_
 
-    narrow = variant.packed and variant.vec < _jit.wide_vec(variant.dtype)
-    head_dim = 64 * variant.vec if narrow else (512 if variant.max_units > 1 else 128)
+    head_dim = 64 * variant.vec if variant.narrow else (512 if variant.max_units > 1 else 128)
     # A view one element in selects the realigning or the scalar instance; a cache one element
     # off a 16-byte boundary then selects the scalar one.
     offset = 0 if variant.aligned and variant.vec > 1 else 1
@@ -133,7 +132,7 @@ def _selftest_gpu_variant(variant, rng):
     # that do not fold into one stride: rows [2, 20] of which [2, 19] are used. A wide packed
     # instance with a narrow twin needs more heads than the narrow one takes.
     gapped = not variant.packed and dataclasses.replace(variant, packed=True) in _jit.VARIANTS
-    big = (variant.packed and not narrow and not variant.is_mrope
+    big = (variant.packed and not variant.narrow and not variant.is_mrope
            and _jit.narrow_vec(variant.dtype, head_dim) is not None)
     tokens = _jit.NARROW_MAX_HEADS // (hq + hk) + 1 if big else 37
     rows, lead = ((2, 20), (2, 19)) if gapped else ((tokens,), (tokens,))

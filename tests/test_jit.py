@@ -42,6 +42,14 @@ def test_every_head_dim_dispatches(dtype, is_neox, wide, is_mrope, aligned, pack
         assert variant.packed == (packed and wide and aligned)
 
 
+def test_narrow_variants_are_the_packed_ones_below_the_wide_vec():
+    narrow = {(v.dtype, v.vec) for v in _jit.VARIANTS if v.narrow}
+    assert narrow == {(d, vec) for d, vecs in _jit.NARROW_VECS.items() for vec in vecs}
+    for v in _jit.VARIANTS:
+        if v.narrow:
+            assert v.max_units == 1 and v.aligned and _jit.narrow_vec(v.dtype, 64 * v.vec) == v.vec
+
+
 def test_unsupported_key_lists_supported_values():
     with pytest.raises(ValueError, match="supported"):
         _jit.select_variant("float64", True, 2, 1)
