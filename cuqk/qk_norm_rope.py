@@ -395,6 +395,7 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         "rope_first": rope_first, "mrope_section0": sections[0], "mrope_section1": sections[1],
         "mrope_section2": sections[2], "mrope_interleaved": mrope_interleaved,
         "mrope_rounds": _jit.mrope_rounds(lanes, num_heads, rotary_dim),
+        "prefetch_next": _jit.prefetch_next(variant, head_dim),
     }
     for prefix, (_, _, head_stride), (outer, inner) in zip(
         ("q_in", "k_in", "q_out", "k_out"), heads, lead_strides

@@ -214,6 +214,11 @@ __device__ __forceinline__ void load_as_float_dyn(const void* ptr, long long ele
   }
 }
 
+/// \brief Asks the L2 for the line holding ptr; nothing waits for it and no register holds it.
+__device__ __forceinline__ void prefetch_l2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];" : : "l"(ptr));
+}
+
 /// \brief Sum over aligned groups of GROUP lanes (a power of two, at most 32).
 /// Every lane of the warp must call it: shuffles inside a divergent branch are undefined.
 __device__ __forceinline__ float group_sum(float v, int group) {

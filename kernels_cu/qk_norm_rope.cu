@@ -51,7 +51,7 @@ struct HeadStrides {
 struct QkNormRopeParams {
   long long q_in, k_in, q_out, k_out, gate_out, positions, cache, q_weight, k_weight;
   long long num_tokens, num_q_heads, num_k_heads, head_div_magic, head_div_shift;
-  long long head_dim, rotary_dim, norm_mode, lanes_log2, rope_first;
+  long long head_dim, rotary_dim, norm_mode, lanes_log2, rope_first, prefetch_next;
   double eps, inv_head_dim;
   long long pos_stride_outer, pos_is_int64, cache_row_stride, max_position;
   HeadStrides q_in_strides, k_in_strides, q_out_strides, k_out_strides;
@@ -320,6 +320,28 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
         dst = reinterpret_cast<T_IN*>(p.q_in) + (outer * p.q_in_strides.outer +
                                                  static_cast<long long>(head) * head_dim);
         src = dst;
+        if constexpr (!NARROW && !IS_MROPE) {
+          // With prefetch_next (the host's choice) the head this group takes one window on
+          // goes to the L2 now: at an H200's bandwidth the bytes each thread has in flight (its
+          // own head) do not cover the memory latency, and holding the next head in registers
+          // would cost occupancy.
+          const unsigned ahead = item + gridDim.x * heads_per_block;
+          if (p.prefetch_next && ahead < total) {
+            const unsigned ahead_token = head_token(ahead, p);
+            const T_IN* next = reinterpret_cast<const T_IN*>(p.q_in) +
+                               (ahead_token * p.q_in_strides.outer +
+                                static_cast<long long>(ahead - ahead_token * num_heads) * head_dim);
+#pragma unroll
+            for (int u = 0; u < MAX_UNITS; ++u) {
+              const int k = lane + u * lanes;
+              if (k >= n_units) continue;
+              int off_a, off_b;
+              unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
+              prefetch_l2(next + off_a);
+              prefetch_l2(next + off_b);
+            }
+          }
+        }
       } else {
         split_token(token, p, outer, inner);
         // Field-by-field selects: a reference to a kernel parameter would copy it to local

@@ -805,10 +805,10 @@ def test_gpu_dispatch_realigns_views_and_keeps_scalar_for_misaligned_weights(dty
     assert scalar.vec == 1
 
 
-def _packed_plan_variant(tokens, head_dim=128, dtype="bfloat16", cache_dtype="float32",
-                         mrope=False, hq=32, hk=8):
-    """The variant an in-place call on an aligned packed [tokens, width] qkv would launch
-    (planned from array descriptions on device 0: no GPU needed)."""
+def _packed_plan(tokens, head_dim=128, dtype="bfloat16", cache_dtype="float32", mrope=False,
+                 hq=32, hk=8):
+    """The plan of an in-place call on an aligned packed [tokens, width] qkv (planned from
+    array descriptions on device 0: no GPU needed)."""
     qnr = sys.modules["cuqk.qk_norm_rope"]
     info = cuqk._interop.ArrayInfo
     width = (hq + 2 * hk) * head_dim
@@ -823,7 +823,12 @@ def _packed_plan_variant(tokens, head_dim=128, dtype="bfloat16", cache_dtype="fl
         num_k_heads=hk, head_dim=head_dim, rotary_dim=head_dim, weight_dtype=dtype, eps=1e-6,
         is_neox=True, norm="rms", rope_first=False,
         mrope_section=(16, 24, 24) if mrope else None, mrope_interleaved=False, packed=True)
-    return plan.variant
+    return plan
+
+
+def _packed_plan_variant(*args, **kwargs):
+    """The variant that ``_packed_plan`` launches."""
+    return _packed_plan(*args, **kwargs).variant
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -844,6 +849,27 @@ def test_cpu_small_packed_calls_take_a_warp_per_head(dtype):
     assert _packed_plan_variant(1, dtype=dtype, mrope=True).vec == wide
     general = _packed_plan_variant(1, dtype=dtype, cache_dtype="float16")
     assert not general.packed and general.vec == wide
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_wide_packed_16bit_calls_of_long_heads_prefetch_the_next_head(dtype):
+    """The L2 prefetch of each group's next head is on exactly where it measured faster: wide
+    packed 1-D instances of 16-bit heads of at least 128 elements."""
+    def prefetches(tokens, **kwargs):
+        plan = _packed_plan(tokens, **kwargs)
+        statics = dict(zip(cuqk._jit.STATIC_FIELDS, cuqk._jit._STATICS.unpack(plan.statics)))
+        assert statics["prefetch_next"] == cuqk._jit.prefetch_next(plan.variant,
+                                                                  kwargs["head_dim"])
+        return bool(statics["prefetch_next"])
+
+    large = cuqk._jit.NARROW_MAX_HEADS
+    sixteen_bit = dtype != "float32"
+    assert prefetches(large, head_dim=128, dtype=dtype) == sixteen_bit
+    assert prefetches(large, head_dim=256, dtype=dtype) == sixteen_bit
+    assert not prefetches(large, head_dim=64, dtype=dtype)
+    assert not prefetches(1, head_dim=128, dtype=dtype)  # narrow: one window
+    assert not prefetches(large, head_dim=128, dtype=dtype, mrope=True)
+    assert not prefetches(large, head_dim=128, dtype=dtype, cache_dtype="float16")  # general
 
 
 @requires_gpu
