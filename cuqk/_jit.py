@@ -314,11 +314,12 @@ PARAMS_SIZE = _PARAMS.size
 def prefetch_next(variant: Variant, head_dim: int) -> bool:
     """Whether a launch of ``variant`` asks the L2 for each group's next head ahead of its loads.
 
-    Only the wide packed 1-D instances do it, and it pays only where a head is at least 256
-    bytes of 16-bit data (60 registers, 4 blocks of 256 per SM): on an H200 (bf16, T = 8192 /
-    32768) Qwen3-8B took 49.4 / 186.7 us instead of 50.9 / 192.3, D=256 51.0 / 192.7 instead of
-    52.7 / 197.1, while GPT-J D=64 took 28.1 / 99.6 instead of 27.4 / 97.1 and float32 D=128
-    (40 registers, 6 blocks per SM) 88.1 instead of 86.9 at T = 8192."""
+    Only the wide packed 1-D instances do it, and it paid only where a head is at least 256
+    bytes of 16-bit data. Measured on an H200 (bf16, T = 8192 / 32768) when those instances
+    took 60 registers, 4 blocks of 256 per SM (they now take 48 and run 5 blocks): Qwen3-8B took
+    49.4 / 186.7 us instead of 50.9 / 192.3, D=256 51.0 / 192.7 instead of 52.7 / 197.1, while
+    GPT-J D=64 took 28.1 / 99.6 instead of 27.4 / 97.1 and float32 D=128 (40 registers, 6
+    blocks per SM) 88.1 instead of 86.9 at T = 8192."""
     return (variant.packed and not variant.narrow and not variant.is_mrope
             and DTYPES[variant.dtype][1] == 2 and head_dim >= 128)
 

@@ -112,14 +112,14 @@ __device__ __forceinline__ int mrope_section_of(int j, const QkNormRopeParams& p
 
 /// \brief cos and sin of frequencies [freq, freq + VEC) for a token at position pos.
 /// Positions outside [0, max_position) read row 0 and yield NaN: loud, never out of bounds.
+/// half is rotary_dim / 2, the distance from a cos to its sin.
 /// \tparam CACHE_F32 the cache is float32 (else its dtype is read at run time)
 template <int VEC, bool CACHE_F32>
 __device__ __forceinline__ void load_cos_sin(const QkNormRopeParams& p, long long pos, int freq,
-                                             float (&c)[VEC], float (&s)[VEC]) {
+                                             int half, float (&c)[VEC], float (&s)[VEC]) {
   const float nan = __int_as_float(0x7fc00000);
   const bool ok = pos >= 0 && pos < p.max_position;
   const long long at = (ok ? pos : 0) * p.cache_row_stride + freq;
-  const int half = static_cast<int>(p.rotary_dim) / 2;
   if constexpr (CACHE_F32) {
     const float* cache = reinterpret_cast<const float*>(p.cache) + at;
     load_as_float<float, VEC>(cache, c);
@@ -203,14 +203,26 @@ struct SideInputs {
   float wa[VEC], wb[VEC], c[VEC], s[VEC];
 };
 
-/// \brief Rotates the VEC pairs of one rotary unit in place (see the pair layout above).
-template <bool IS_NEOX, int VEC>
-__device__ __forceinline__ void rotate_unit(float (&y)[2 * VEC], const float (&c)[VEC],
-                                            const float (&s)[VEC]) {
+/// \brief Whether an instance is a wide packed 1-D one of 16-bit data (16-byte vectors). Left
+/// alone they take 60 registers, 4 blocks of 256 threads per SM, which hold too few bytes in
+/// flight for an H200's bandwidth; they are bounded to 5 blocks (48 registers) and load their
+/// side inputs half a vector at a time, which leaves no spills (the same bound with whole
+/// vectors spilled and ran slower than 4 blocks).
+template <typename T_IN, int VEC, bool IS_MROPE, bool PACKED>
+__host__ __device__ constexpr bool five_blocks_per_sm() {
+  return PACKED && !IS_MROPE && sizeof(T_IN) == 2 && VEC * sizeof(T_IN) == 16;
+}
+
+/// \brief Rotates pairs [first, first + N) of one rotary unit in place (see the pair layout
+/// above), from the cos and sin of their frequencies.
+template <bool IS_NEOX, int VEC, int N>
+__device__ __forceinline__ void rotate_pairs(float (&y)[2 * VEC], int first, const float (&c)[N],
+                                             const float (&s)[N]) {
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    const int ia = IS_NEOX ? i : 2 * i;
-    const int ib = IS_NEOX ? VEC + i : 2 * i + 1;
+  for (int i = 0; i < N; ++i) {
+    const int f = first + i;
+    const int ia = IS_NEOX ? f : 2 * f;
+    const int ib = IS_NEOX ? VEC + f : 2 * f + 1;
     const float a = y[ia], b = y[ib];
     y[ia] = a * c[i] - b * s[i];
     y[ib] = b * c[i] + a * s[i];
@@ -391,26 +403,43 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
       if constexpr (IS_MROPE) {
         rows = mrope_rows[buffer] + (active ? token - window_token : 0u) * rotary_dim;
       }
-      const auto cos_sin = [&](int freq, float(&c)[VEC], float(&s)[VEC]) {
+      // Side inputs go in parts of SIDE elements, each loaded just before its use: whole
+      // vectors, or half vectors in the five-block instances (see five_blocks_per_sm).
+      constexpr bool FIVE_BLOCKS = five_blocks_per_sm<T_IN, VEC, IS_MROPE, PACKED>();
+      constexpr int SIDE = FIVE_BLOCKS ? VEC / 2 : VEC;
+      const auto cos_sin = [&](int freq, float(&c)[SIDE], float(&s)[SIDE]) {
         if constexpr (IS_MROPE) {
-          load_as_float<float, VEC>(rows + freq, c);
-          load_as_float<float, VEC>(rows + rotary_dim / 2 + freq, s);
+          load_as_float<float, SIDE>(rows + freq, c);
+          load_as_float<float, SIDE>(rows + rotary_dim / 2 + freq, s);
         } else {
-          load_cos_sin<VEC, PACKED>(p, pos, freq, c, s);
+          // The five-block instances take half the rotary size from the kernel's register (12
+          // bytes of spills when reread from the parameters); the others reread it (the
+          // register copy took the scalar ones from 60 to 124 registers).
+          const int half = (FIVE_BLOCKS ? rotary_dim : static_cast<int>(p.rotary_dim)) / 2;
+          load_cos_sin<SIDE, PACKED>(p, pos, freq, half, c, s);
+        }
+      };
+      const auto rotate_loading_cos_sin = [&](float(&v)[UNIT], int k) {
+#pragma unroll
+        for (int part = 0; part < VEC; part += SIDE) {
+          float c[SIDE], s[SIDE];
+          cos_sin(k * VEC + part, c, s);
+          rotate_pairs<IS_NEOX, VEC, SIDE>(v, part, c, s);
         }
       };
 
       const long long weight = is_q ? p.q_weight : p.k_weight;
       const bool has_weight = weight != 0 && norm_mode != NORM_NONE;
-      const auto load_weights = [&](int off_a, int off_b, float(&wa)[VEC], float(&wb)[VEC]) {
+      // The weights of head elements [at_a, at_a + SIDE) and [at_b, at_b + SIDE).
+      const auto load_weights = [&](int at_a, int at_b, float(&wa)[SIDE], float(&wb)[SIDE]) {
         if constexpr (PACKED) {
           const T_IN* w = reinterpret_cast<const T_IN*>(weight);
-          load_as_float<T_IN, VEC>(w + off_a, wa);
-          load_as_float<T_IN, VEC>(w + off_b, wb);
+          load_as_float<T_IN, SIDE>(w + at_a, wa);
+          load_as_float<T_IN, SIDE>(w + at_b, wb);
         } else {
           const void* w = reinterpret_cast<const void*>(weight);
-          load_as_float_dyn<VEC>(w, off_a, static_cast<int>(p.weight_dtype), wa);
-          load_as_float_dyn<VEC>(w, off_b, static_cast<int>(p.weight_dtype), wb);
+          load_as_float_dyn<SIDE>(w, at_a, static_cast<int>(p.weight_dtype), wa);
+          load_as_float_dyn<SIDE>(w, at_b, static_cast<int>(p.weight_dtype), wb);
         }
       };
       SideInputs<VEC> early[NARROW ? MAX_UNITS : 1];
@@ -431,11 +460,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
       for (int u = 0; u < MAX_UNITS; ++u) {
         const int k = lane + u * lanes;
         if (!active || k >= n_units || is_gate) continue;
-        if (rope_first && k < n_rot_units) {
-          float c[VEC], s[VEC];
-          cos_sin(k * VEC, c, s);
-          rotate_unit<IS_NEOX, VEC>(x[u], c, s);
-        }
+        if (rope_first && k < n_rot_units) rotate_loading_cos_sin(x[u], k);
 #pragma unroll
         for (int i = 0; i < UNIT; ++i) sum_sq += x[u][i] * x[u][i];
       }
@@ -457,19 +482,34 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
         for (int i = 0; i < UNIT; ++i) y[i] = x[u][i] * scale;
         // Other instances load the weights, use them, then load cos and sin: holding both at
         // once took the wide ones from 56 to 90 registers (2 blocks per SM instead of 4).
-        SideInputs<VEC>& side = early[NARROW ? u : 0];
+        const SideInputs<VEC>& side = early[NARROW ? u : 0];
         if (has_weight) {
-          if constexpr (!NARROW) load_weights(off_a, off_b, side.wa, side.wb);
           const float shift = norm_mode == NORM_GEMMA ? 1.f : 0.f;
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) {
-            y[i] *= side.wa[i] + shift;
-            y[VEC + i] *= side.wb[i] + shift;
+          for (int part = 0; part < VEC; part += SIDE) {
+            float wa[SIDE], wb[SIDE];
+            if constexpr (NARROW) {
+#pragma unroll
+              for (int i = 0; i < SIDE; ++i) {
+                wa[i] = side.wa[part + i];
+                wb[i] = side.wb[part + i];
+              }
+            } else {
+              load_weights(off_a + part, off_b + part, wa, wb);
+            }
+#pragma unroll
+            for (int i = 0; i < SIDE; ++i) {
+              y[part + i] *= wa[i] + shift;
+              y[VEC + part + i] *= wb[i] + shift;
+            }
           }
         }
         if (!rope_first && k < n_rot_units) {
-          if constexpr (!NARROW) cos_sin(k * VEC, side.c, side.s);
-          rotate_unit<IS_NEOX, VEC>(y, side.c, side.s);
+          if constexpr (NARROW) {
+            rotate_pairs<IS_NEOX, VEC, VEC>(y, 0, side.c, side.s);
+          } else {
+            rotate_loading_cos_sin(y, k);
+          }
         }
         float ya[VEC], yb[VEC];
 #pragma unroll
@@ -493,10 +533,12 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   }
 }
 
-/// \brief 1-D RoPE. The default register allocation (52-57 registers for 16-bit data) fits 4
-/// blocks of 256 threads per SM; bounded to 5 blocks (48 registers and spills) it ran slower.
+/// \brief 1-D RoPE. Other than the five-block instances (five_blocks_per_sm), the default
+/// register allocation: a minimum of 1 block per SM changed their allocation.
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED, bool PACKED>
-__global__ void __launch_bounds__(BLOCK_THREADS) qk_norm_rope_kernel(const QkNormRopeParams p) {
+__global__ void __launch_bounds__(BLOCK_THREADS,
+                                  (five_blocks_per_sm<T_IN, VEC, false, PACKED>() ? 5 : 0))
+    qk_norm_rope_kernel(const QkNormRopeParams p) {
   norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, false, ALIGNED, PACKED>(p);
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call: environment, kernel resource usage, the test suite (CPU and
 # GPU parts), the selftest, compute-sanitizer and the benchmarks. Logs go to $OUT (default
-# ./device_out).
+# ./device_out): every log in logs.tar.gz, and beside it the few a reader looks at first (the
+# device tool brings back at most 8 files).
 #   scripts/device_suite.sh              everything
 #   scripts/device_suite.sh tests        tests and selftest only
 #   scripts/device_suite.sh sanitize     compute-sanitizer only (scripts/sanitize.sh)
@@ -12,7 +13,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
-mkdir -p "$OUT"
+LOG=$OUT/logs
+mkdir -p "$LOG"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/cuqk-cupy-cache}
 what=${1:-all}
@@ -23,9 +25,9 @@ if [[ -d wheels ]] && ! python3 -c 'import transformers' 2>/dev/null; then
 fi
 
 if [[ $what == all || $what == tests ]]; then
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/env.txt"
-  python3 -m cuqk info 2>&1 | tee -a "$OUT/env.txt" || true
-  python3 -m cuqk precompile 2>&1 | tee "$OUT/precompile.txt"
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$LOG/env.txt"
+  python3 -m cuqk info 2>&1 | tee -a "$LOG/env.txt" || true
+  python3 -m cuqk precompile 2>&1 | tee "$LOG/precompile.txt"
   # Four pytest processes side by side (the GPU is mostly idle in these small cases): the
   # kernel grids, the model integrations, the fusion pass (Inductor compiles), and every
   # other file.
@@ -39,30 +41,35 @@ if [[ $what == all || $what == tests ]]; then
   pids=()
   for group in kernels models fusion others; do
     declare -n files=$group
-    python3 -m pytest -q -rfE --durations=8 "${files[@]}" > "$OUT/pytest_$group.log" 2>&1 &
+    python3 -m pytest -q -rfE --durations=8 "${files[@]}" > "$LOG/pytest_$group.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do
     wait "$pid"
     status=$((status | $?))
   done
-  tail -n 3 "$OUT"/pytest_*.log | tee "$OUT/pytest.log"
-  grep -h -E "^(FAILED|ERROR)" "$OUT"/pytest_*.log | tee -a "$OUT/pytest.log"
-  python3 -m cuqk selftest 2>&1 | tee "$OUT/selftest.log"
+  tail -n 3 "$LOG"/pytest_*.log | tee "$LOG/pytest.log"
+  grep -h -E "^(FAILED|ERROR)" "$LOG"/pytest_*.log | tee -a "$LOG/pytest.log"
+  python3 -m cuqk selftest 2>&1 | tee "$LOG/selftest.log"
   status=$((status | ${PIPESTATUS[0]}))
 fi
 if [[ $what == all || $what == sanitize ]]; then
-  scripts/sanitize.sh 2>&1 | tee "$OUT/sanitize.txt"
+  OUT=$LOG/sanitize scripts/sanitize.sh 2>&1 | tee "$LOG/sanitize.txt"
   status=$((status | ${PIPESTATUS[0]}))
 fi
 if [[ $what == all || $what == bench ]]; then
-  python3 scripts/profile_host.py > "$OUT/profile.txt" 2>&1
-  python3 -m cuqk bench --json "$OUT/bench.json" --plot "$OUT/bench.png" "$@" 2>&1 \
-    | tee "$OUT/bench.log"
+  python3 scripts/profile_host.py > "$LOG/profile.txt" 2>&1
+  python3 -m cuqk bench --json "$LOG/bench.json" --plot "$LOG/bench.png" "$@" 2>&1 \
+    | tee "$LOG/bench.log"
   status=$((status | ${PIPESTATUS[0]}))
 fi
 if [[ $what == all || $what == e2e ]]; then
-  python3 -m cuqk bench --e2e --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
+  python3 -m cuqk bench --e2e --json "$LOG/e2e.json" 2>&1 | tee "$LOG/e2e.log"
   status=$((status | ${PIPESTATUS[0]}))
 fi
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs
+for f in pytest.log selftest.log sanitize.txt bench.log bench.json bench.png e2e.log; do
+  [[ -f $LOG/$f ]] && cp "$LOG/$f" "$OUT/"
+done
+rm -rf "$LOG"
 exit $status
