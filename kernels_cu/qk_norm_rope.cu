@@ -82,6 +82,15 @@ __device__ __forceinline__ void split_token(unsigned token, const QkNormRopePara
   }
 }
 
+/// \brief Head `head` (q heads first, then k heads) of token `token` in an in-place packed qkv
+/// whose tokens are one row stride apart (the PACKED instances).
+template <typename T_IN>
+__device__ __forceinline__ T_IN* packed_head(const QkNormRopeParams& p, long long token,
+                                             unsigned head, int head_dim) {
+  return reinterpret_cast<T_IN*>(p.q_in) +
+         (token * p.q_in_strides.outer + static_cast<long long>(head) * head_dim);
+}
+
 /// \brief Element offsets of unit k's two vectors inside its head.
 template <bool IS_NEOX, int VEC>
 __device__ __forceinline__ void unit_offsets(int k, int n_rot_units, int rotary_dim, int& off_a,
@@ -329,8 +338,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
         // In place, k right after q, one row stride, one token index: the head is an offset.
         outer = token;
         inner = 0;
-        dst = reinterpret_cast<T_IN*>(p.q_in) + (outer * p.q_in_strides.outer +
-                                                 static_cast<long long>(head) * head_dim);
+        dst = packed_head<T_IN>(p, outer, head, head_dim);
         src = dst;
         if constexpr (!NARROW && !IS_MROPE) {
           // With prefetch_next (the host's choice) the head this group takes one window on
@@ -340,9 +348,8 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           const unsigned ahead = item + gridDim.x * heads_per_block;
           if (p.prefetch_next && ahead < total) {
             const unsigned ahead_token = head_token(ahead, p);
-            const T_IN* next = reinterpret_cast<const T_IN*>(p.q_in) +
-                               (ahead_token * p.q_in_strides.outer +
-                                static_cast<long long>(ahead - ahead_token * num_heads) * head_dim);
+            const T_IN* next =
+                packed_head<T_IN>(p, ahead_token, ahead - ahead_token * num_heads, head_dim);
 #pragma unroll
             for (int u = 0; u < MAX_UNITS; ++u) {
               const int k = lane + u * lanes;
