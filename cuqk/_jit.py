@@ -288,6 +288,41 @@ def compile_offline(variant: Variant, arch: str, *, ptx: bool = False) -> bytes:
         nvrtc.destroyProgram(prog)
 
 
+# The .nv.info attributes of a cubin that cubin_resources reads: each is (format, attribute,
+# 16-bit size) then its bytes; these two hold (symbol index, value) pairs.
+_EIATTR_FRAME_SIZE = 0x11
+_EIATTR_REGCOUNT = 0x2F
+
+
+def cubin_resources(cubin: bytes) -> tuple[int, int]:
+    """Registers per thread and local-memory frame bytes (spills) of the one kernel in a cubin
+    from ``compile_offline``: what the driver reports once it is loaded, read without a GPU."""
+    missing = ValueError("not a cubin with a .nv.info section")
+    if cubin[:4] != b"\x7fELF":
+        raise missing
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    if shstrndx >= shnum:
+        raise missing
+    # ELF64 section headers: name, type, flags, addr, offset, size, link, info, align, entsize.
+    headers = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize)
+               for i in range(shnum)]
+    names_at = headers[shstrndx][4]
+    for header in headers:
+        name_at = names_at + header[0]
+        if cubin[name_at:cubin.index(b"\0", name_at)] != b".nv.info":
+            continue
+        values = {}
+        at, end = header[4], header[4] + header[5]
+        while at < end:
+            attribute, size = cubin[at + 1], struct.unpack_from("<H", cubin, at + 2)[0]
+            if attribute in (_EIATTR_FRAME_SIZE, _EIATTR_REGCOUNT):
+                values[attribute] = struct.unpack_from("<I", cubin, at + 8)[0]
+            at += 4 + size
+        return values[_EIATTR_REGCOUNT], values.get(_EIATTR_FRAME_SIZE, 0)
+    raise missing
+
+
 # ----------------------------------------------------------------------------- launching
 
 # QkNormRopeParams in kernels_cu/qk_norm_rope.cu: the pointers, then the fields a plan fixes.
