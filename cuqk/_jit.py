@@ -100,6 +100,13 @@ class Variant:
         return self.packed and not self.is_mrope and self.vec < wide_vec(self.dtype)
 
     @property
+    def five_blocks_per_sm(self) -> bool:
+        """A wide packed 1-D instance of 16-bit data: the kernel's five_blocks_per_sm, bounded
+        to 5 blocks of 256 threads per SM (48 registers)."""
+        return (self.packed and not self.is_mrope and not self.narrow
+                and DTYPES[self.dtype][1] == 2)
+
+    @property
     def name(self) -> str:
         style = "neox" if self.is_neox else "gptj"
         mrope = "_mrope" if self.is_mrope else ""
@@ -267,23 +274,24 @@ def precompile(dtypes=None, device: int | None = None, progress=None) -> list[Va
     return chosen
 
 
-def compile_offline(variant: Variant, arch: str, *, ptx: bool = False) -> bytes:
-    """Compile ``variant`` for ``arch`` (e.g. ``"sm_90"``) with NVRTC alone: a cubin, or PTX.
+def compile_offline(variant: Variant, arch: str) -> bytes:
+    """Compile ``variant`` for ``arch`` (e.g. ``"sm_90"``) with NVRTC alone into a cubin.
 
-    Needs no GPU, which is how CI checks that every variant builds for every target.
+    Needs no GPU, which is how CI checks that every variant builds for every target and what
+    ``cubin_resources`` reads.
     """
     from cupy_backends.cuda.libs import nvrtc
 
     prog = nvrtc.createProgram(load_source("qk_norm_rope"), "qk_norm_rope.cu", (), ())
     try:
         nvrtc.addNameExpression(prog, variant.expression)
-        target = f"--gpu-architecture={arch.replace('sm_', 'compute_') if ptx else arch}"
+        target = f"--gpu-architecture={arch}"
         try:
             nvrtc.compileProgram(prog, (*NVRTC_OPTIONS, target))
         except nvrtc.NVRTCError as exc:
             raise RuntimeError(f"{variant.name} ({arch}):\n{nvrtc.getProgramLog(prog)}") from exc
         nvrtc.getLoweredName(prog, variant.expression)
-        return nvrtc.getPTX(prog) if ptx else nvrtc.getCUBIN(prog)
+        return nvrtc.getCUBIN(prog)
     finally:
         nvrtc.destroyProgram(prog)
 
@@ -349,14 +357,13 @@ PARAMS_SIZE = _PARAMS.size
 def prefetch_next(variant: Variant, head_dim: int) -> bool:
     """Whether a launch of ``variant`` asks the L2 for each group's next head ahead of its loads.
 
-    Only the wide packed 1-D instances do it, and it paid only where a head is at least 256
-    bytes of 16-bit data. Measured on an H200 (bf16, T = 8192 / 32768) when those instances
-    took 60 registers, 4 blocks of 256 per SM (they now take 48 and run 5 blocks): Qwen3-8B took
-    49.4 / 186.7 us instead of 50.9 / 192.3, D=256 51.0 / 192.7 instead of 52.7 / 197.1, while
-    GPT-J D=64 took 28.1 / 99.6 instead of 27.4 / 97.1 and float32 D=128 (40 registers, 6
-    blocks per SM) 88.1 instead of 86.9 at T = 8192."""
-    return (variant.packed and not variant.narrow and not variant.is_mrope
-            and DTYPES[variant.dtype][1] == 2 and head_dim >= 128)
+    Only the wide packed 1-D instances of 16-bit data do it, and only where a head is at least
+    256 bytes: elsewhere it measured slower. Measured on an H200 (bf16, T = 8192 / 32768) when
+    those instances took 60 registers, 4 blocks of 256 per SM (they now take 48 and run 5
+    blocks): Qwen3-8B took 49.4 / 186.7 us instead of 50.9 / 192.3, D=256 51.0 / 192.7 instead
+    of 52.7 / 197.1, while GPT-J D=64 took 28.1 / 99.6 instead of 27.4 / 97.1 and float32 D=128
+    (40 registers, 6 blocks per SM) 88.1 instead of 86.9 at T = 8192."""
+    return variant.five_blocks_per_sm and head_dim >= 128
 
 
 def mrope_rounds(lanes: int, num_heads: int, rotary_dim: int) -> int:
