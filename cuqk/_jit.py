@@ -16,7 +16,7 @@ import hashlib
 import re
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cupy
@@ -84,7 +84,10 @@ class Variant:
     start mid-vector); each access then follows its address's alignment. ``packed``: an aligned
     instance for in-place calls on a packed qkv whose tokens are one stride apart, with a
     float32 cache and weights of the activations' dtype; with ``vec`` below ``wide_vec`` it is
-    a narrow one, a warp per head for small calls (``narrow_vec``)."""
+    a narrow one, a warp per head for small calls (``narrow_vec``). ``prefetch_next``: the
+    twin of a five-block instance whose launches ask the L2 for each group's next head; the
+    other twin streams its stores instead (the kernel's STREAM_STORES; ``prefetch_next``, the
+    function, says which twin a call takes)."""
 
     dtype: str
     is_neox: bool
@@ -93,6 +96,7 @@ class Variant:
     is_mrope: bool = False
     aligned: bool = True
     packed: bool = False
+    prefetch_next: bool = False
 
     @property
     def narrow(self) -> bool:
@@ -112,14 +116,17 @@ class Variant:
         mrope = "_mrope" if self.is_mrope else ""
         realign = "" if self.aligned else "_realign"
         packed = "_packed" if self.packed else ""
+        prefetch = "_prefetch" if self.prefetch_next else ""
         return (f"qk_norm_rope_{self.dtype}_{style}_vec{self.vec}_units{self.max_units}{mrope}"
-                f"{realign}{packed}")
+                f"{realign}{packed}{prefetch}")
 
     @property
     def expression(self) -> str:
         flags = [DTYPES[self.dtype][0], "true" if self.is_neox else "false", str(self.vec),
                  str(self.max_units), "true" if self.aligned else "false",
                  "true" if self.packed else "false"]
+        if not self.is_mrope:  # STREAM_STORES
+            flags.append("true" if self.five_blocks_per_sm and not self.prefetch_next else "false")
         kernel = "qk_norm_mrope_kernel" if self.is_mrope else "qk_norm_rope_kernel"
         return f"{kernel}<{', '.join(flags)}>"
 
@@ -147,8 +154,11 @@ def _build_variants() -> tuple[Variant, ...]:
                 for units in (1, 2) if dtype == "float32" else (1,):
                     for aligned in (True, False):
                         for packed in (False, True) if aligned else (False,):
-                            out.append(Variant(dtype, is_neox, vec, units, is_mrope, aligned,
-                                               packed))
+                            variant = Variant(dtype, is_neox, vec, units, is_mrope, aligned,
+                                              packed)
+                            out.append(variant)
+                            if variant.five_blocks_per_sm:
+                                out.append(replace(variant, prefetch_next=True))
                 out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS, is_mrope))
                 if not is_mrope:
                     out += [Variant(dtype, is_neox, vec, 1, packed=True)
@@ -159,6 +169,8 @@ def _build_variants() -> tuple[Variant, ...]:
 VARIANTS = _build_variants()
 _BY_KEY = {}
 for _v in VARIANTS:
+    if _v.prefetch_next:
+        continue  # select_variant picks these by head_dim
     _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec, _v.is_mrope, _v.aligned, _v.packed),
                        []).append(_v)
 
@@ -180,14 +192,34 @@ def lanes_and_units(head_dim: int, vec: int) -> tuple[int, int]:
     return lanes, -(-units // lanes)
 
 
+def prefetch_next(variant: Variant, head_dim: int) -> bool:
+    """Whether calls of ``head_dim`` take the prefetching twin of ``variant``.
+
+    Only five-block instances have one, and only heads of at least 128 elements take it: it
+    asks the L2 for each group's next head ahead of its loads and stores plainly, where the
+    other twin streams its stores (``st.global.cs``). Measured on an H200 (bf16, medians of two
+    interleaved runs; us at T = 8192 / 32768):
+    - plain stores with the prefetch and without: Qwen3-8B 48.6 / 184.0 against 49.5 / 186.6,
+      D=256 49.6 / 187.4 against 50.9 / 191.6, but GPT-J D=64 29.0 / 104.4 against 26.7 / 94.3;
+    - no prefetch, streaming stores and plain: GPT-J D=64 25.3 / 92.4 against 26.5 / 94.5
+      (5.2 against 5.9 at T=1024);
+    - the prefetch, streaming stores and plain: Qwen3-8B 49.1 / 185.8 against 48.5 / 183.5,
+      D=256 50.2 / 189.3 against 49.6 / 187.7."""
+    return variant.five_blocks_per_sm and head_dim >= 128
+
+
 def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int,
-                   is_mrope: bool = False, aligned: bool = True, packed: bool = False) -> Variant:
+                   is_mrope: bool = False, aligned: bool = True, packed: bool = False,
+                   head_dim: int = 0) -> Variant:
     """The smallest instance that holds ``units_per_lane``; ValueError if none does. The scalar
     instances (``vec=1``) take any alignment and exist only as ``aligned=True``; ``packed`` is
-    a preference that only the wide aligned instances take."""
+    a preference that only the wide aligned instances take; ``head_dim`` picks between the
+    twins of a five-block instance (``prefetch_next``)."""
     packed = packed and vec > 1 and aligned
     for variant in _BY_KEY.get((dtype, is_neox, vec, is_mrope, aligned or vec == 1, packed), ()):
         if variant.max_units >= units_per_lane:
+            if prefetch_next(variant, head_dim):
+                return replace(variant, prefetch_next=True)
             return variant
     supported = sorted({(v.dtype, v.vec, v.max_units) for v in VARIANTS})
     raise ValueError(
@@ -352,18 +384,6 @@ _STATICS = struct.Struct("<" + "".join("d" if n in DOUBLE_FIELDS else "q" for n 
 # One pack per launch: the pointers, then the plan's pre-packed statics as raw bytes.
 _PARAMS = struct.Struct(f"<{len(POINTER_FIELDS)}Q{_STATICS.size}s")
 PARAMS_SIZE = _PARAMS.size
-
-
-def prefetch_next(variant: Variant, head_dim: int) -> bool:
-    """Whether a launch of ``variant`` asks the L2 for each group's next head ahead of its loads.
-
-    Only the wide packed 1-D instances of 16-bit data do it, and only where a head is at least
-    256 bytes: elsewhere it measured slower. Measured on an H200 (bf16, T = 8192 / 32768) when
-    those instances took 60 registers, 4 blocks of 256 per SM (they now take 48 and run 5
-    blocks): Qwen3-8B took 49.4 / 186.7 us instead of 50.9 / 192.3, D=256 51.0 / 192.7 instead
-    of 52.7 / 197.1, while GPT-J D=64 took 28.1 / 99.6 instead of 27.4 / 97.1 and float32 D=128
-    (40 registers, 6 blocks per SM) 88.1 instead of 86.9 at T = 8192."""
-    return variant.five_blocks_per_sm and head_dim >= 128
 
 
 def mrope_rounds(lanes: int, num_heads: int, rotary_dim: int) -> int:

@@ -118,11 +118,21 @@ def _to_float64(array):
     return cupy.asnumpy(array).astype(np.float64)
 
 
+def _selftest_head_dim(variant) -> int:
+    """A head_dim that the dispatcher sends to ``variant``."""
+    if variant.narrow:
+        return 64 * variant.vec
+    if variant.max_units > 1:
+        return 512
+    # A five-block instance's prefetching twin takes heads of 128 elements and more.
+    return 64 if variant.five_blocks_per_sm and not variant.prefetch_next else 128
+
+
 def _selftest_gpu_variant(variant, rng):
     """None if ``variant`` matches the reference, else what went wrong."""
     from .qk_norm_rope import _plan_packed, qk_norm_rope_
 
-    head_dim = 64 * variant.vec if variant.narrow else (512 if variant.max_units > 1 else 128)
+    head_dim = _selftest_head_dim(variant)
     # A view one element in selects the realigning or the scalar instance; a cache one element
     # off a 16-byte boundary then selects the scalar one.
     offset = 0 if variant.aligned and variant.vec > 1 else 1

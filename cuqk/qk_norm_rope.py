@@ -378,7 +378,7 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         vec = _jit.narrow_vec(act_dtype, head_dim) or vec
     lanes, units = _jit.lanes_and_units(head_dim, vec)
     variant = _jit.select_variant(act_dtype, is_neox, vec, units, mrope_section is not None,
-                                  aligned=data_ok, packed=packed)
+                                  aligned=data_ok, packed=packed, head_dim=head_dim)
 
     sections = tuple(mrope_section) if mrope_section is not None else (0, 0, 0)
     statics = {
@@ -395,7 +395,7 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         "rope_first": rope_first, "mrope_section0": sections[0], "mrope_section1": sections[1],
         "mrope_section2": sections[2], "mrope_interleaved": mrope_interleaved,
         "mrope_rounds": _jit.mrope_rounds(lanes, num_heads, rotary_dim),
-        "prefetch_next": _jit.prefetch_next(variant, head_dim),
+        "prefetch_next": variant.prefetch_next,
     }
     for prefix, (_, _, head_stride), (outer, inner) in zip(
         ("q_in", "k_in", "q_out", "k_out"), heads, lead_strides

@@ -60,9 +60,33 @@ __device__ __forceinline__ void load_words_by(const void* ptr, cuqk_u32 (&w)[N])
   }
 }
 
-template <int N, int WORDS>
+/// \brief Stores N consecutive 32-bit words in accesses of WORDS words (as load_words_by).
+/// \tparam STREAMING mark the written lines evict-first in the caches (st.global.cs): for
+/// output nothing in the kernel reads again
+template <int N, int WORDS, bool STREAMING = false>
 __device__ __forceinline__ void store_words_by(void* ptr, const cuqk_u32 (&w)[N]) {
-  if constexpr (WORDS == 4) {
+  if constexpr (STREAMING) {
+#pragma unroll
+    for (int i = 0; i < N / WORDS; ++i) {
+      if constexpr (WORDS == 4) {
+        asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};"
+                     :
+                     : "l"(reinterpret_cast<U32x4*>(ptr) + i), "r"(w[4 * i]), "r"(w[4 * i + 1]),
+                       "r"(w[4 * i + 2]), "r"(w[4 * i + 3])
+                     : "memory");
+      } else if constexpr (WORDS == 2) {
+        asm volatile("st.global.cs.v2.u32 [%0], {%1, %2};"
+                     :
+                     : "l"(reinterpret_cast<U32x2*>(ptr) + i), "r"(w[2 * i]), "r"(w[2 * i + 1])
+                     : "memory");
+      } else {
+        asm volatile("st.global.cs.u32 [%0], %1;"
+                     :
+                     : "l"(reinterpret_cast<cuqk_u32*>(ptr) + i), "r"(w[i])
+                     : "memory");
+      }
+    }
+  } else if constexpr (WORDS == 4) {
 #pragma unroll
     for (int i = 0; i < N / 4; ++i) {
       reinterpret_cast<U32x4*>(ptr)[i] = U32x4{w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]};
@@ -112,17 +136,18 @@ __device__ __forceinline__ void load_words(const void* ptr, cuqk_u32 (&w)[N]) {
   }
 }
 
-/// \brief Stores N consecutive 32-bit words; ALIGNED as in load_words. Never a byte outside
-/// the N words: neighbouring elements, which other threads may be writing, are not touched.
-template <int N, bool ALIGNED = true>
+/// \brief Stores N consecutive 32-bit words; ALIGNED as in load_words, STREAMING as in
+/// store_words_by. Never a byte outside the N words: neighbouring elements, which other
+/// threads may be writing, are not touched.
+template <int N, bool ALIGNED = true, bool STREAMING = false>
 __device__ __forceinline__ void store_words(void* ptr, const cuqk_u32 (&w)[N]) {
   const unsigned addr = static_cast<unsigned>(reinterpret_cast<unsigned long long>(ptr));
   if (ALIGNED || (widest_words<N>() == 4 && (addr & 15u) == 0)) {
-    store_words_by<N, widest_words<N>()>(ptr, w);
+    store_words_by<N, widest_words<N>(), STREAMING>(ptr, w);
   } else if (widest_words<N>() >= 2 && (addr & 7u) == 0) {
-    store_words_by<N, (widest_words<N>() >= 2 ? 2 : 1)>(ptr, w);
+    store_words_by<N, (widest_words<N>() >= 2 ? 2 : 1), STREAMING>(ptr, w);
   } else if ((addr & 3u) == 0) {
-    store_words_by<N, 1>(ptr, w);
+    store_words_by<N, 1, STREAMING>(ptr, w);
   } else {
     cuqk_u16* halves = static_cast<cuqk_u16*>(ptr);
     cuqk_u32* words = reinterpret_cast<cuqk_u32*>(halves + 1);
@@ -161,14 +186,14 @@ __device__ __forceinline__ void load_as_float(const T* ptr, float (&out)[N]) {
 }
 
 /// \brief Rounds N float32 values to storage type T once and stores them (ALIGNED as in
-/// load_as_float).
-template <typename T, int N, bool ALIGNED = true>
+/// load_as_float, STREAMING as in store_words_by).
+template <typename T, int N, bool ALIGNED = true, bool STREAMING = false>
 __device__ __forceinline__ void store_from_float(T* ptr, const float (&in)[N]) {
   if constexpr (sizeof(T) == 4) {
     cuqk_u32 w[N];
 #pragma unroll
     for (int i = 0; i < N; ++i) w[i] = __float_as_uint(in[i]);
-    store_words<N, ALIGNED>(ptr, w);
+    store_words<N, ALIGNED, STREAMING>(ptr, w);
   } else if constexpr (N % 2 == 0) {
     cuqk_u32 w[N / 2];
 #pragma unroll
@@ -176,7 +201,7 @@ __device__ __forceinline__ void store_from_float(T* ptr, const float (&in)[N]) {
       w[i] = static_cast<cuqk_u32>(float_to_u16(in[2 * i], T{})) |
              (static_cast<cuqk_u32>(float_to_u16(in[2 * i + 1], T{})) << 16);
     }
-    store_words<N / 2, ALIGNED>(ptr, w);
+    store_words<N / 2, ALIGNED, STREAMING>(ptr, w);
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) reinterpret_cast<cuqk_u16*>(ptr)[i] = float_to_u16(in[i], T{});

@@ -252,13 +252,18 @@ __device__ __forceinline__ void rotate_pairs(float (&y)[2 * VEC], int first, con
 ///                   address arithmetic before a head's first load, which is most of a small
 ///                   call's time (Qwen3-8B, T=1: 227 SASS instructions before the load of q in
 ///                   the general instance, 106 here), and no run-time dtype branches after it
+/// \tparam STREAM_STORES (five-block instances only) store with st.global.cs, evict-first
+///                   lines in the L2: the twin for heads that the host does not prefetch
+///                   (prefetch_next in cuqk/_jit.py says where each measured faster)
 ///
 /// The host launches at most as many blocks as are resident at once, and each group strides
 /// over the heads: no block slot waits for the slowest warp of a finished block before the
 /// next block starts.
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool IS_MROPE, bool ALIGNED,
-          bool PACKED>
+          bool PACKED, bool STREAM_STORES>
 __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
+  static_assert(!STREAM_STORES || five_blocks_per_sm<T_IN, VEC, IS_MROPE, PACKED>(),
+                "only five-block instances have a streaming twin");
   constexpr int UNIT = 2 * VEC;
   // Narrow packed instances (a warp per head, head_dim = 64 * VEC: the host checks) serve small
   // calls, whose time is one head's chain: the head's geometry is known at compile time, and
@@ -344,7 +349,8 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           // With prefetch_next (the host's choice) the head this group takes one window on
           // goes to the L2 now: at an H200's bandwidth the bytes each thread has in flight (its
           // own head) do not cover the memory latency, and holding the next head in registers
-          // would cost occupancy.
+          // would cost occupancy. A run-time switch although only the twin without
+          // STREAM_STORES sets it: compiled out, the NeoX twin spilled 8 bytes.
           const unsigned ahead = item + gridDim.x * heads_per_block;
           if (p.prefetch_next && ahead < total) {
             const unsigned ahead_token = head_token(ahead, p);
@@ -524,8 +530,8 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           ya[i] = y[i];
           yb[i] = y[VEC + i];
         }
-        store_from_float<T_IN, VEC, ALIGNED>(dst + off_a, ya);
-        store_from_float<T_IN, VEC, ALIGNED>(dst + off_b, yb);
+        store_from_float<T_IN, VEC, ALIGNED, STREAM_STORES>(dst + off_a, ya);
+        store_from_float<T_IN, VEC, ALIGNED, STREAM_STORES>(dst + off_b, yb);
       }
     }
 
@@ -542,11 +548,12 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
 
 /// \brief 1-D RoPE. Other than the five-block instances (five_blocks_per_sm), the default
 /// register allocation: a minimum of 1 block per SM changed their allocation.
-template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED, bool PACKED>
+template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED, bool PACKED,
+          bool STREAM_STORES>
 __global__ void __launch_bounds__(BLOCK_THREADS,
                                   (five_blocks_per_sm<T_IN, VEC, false, PACKED>() ? 5 : 0))
     qk_norm_rope_kernel(const QkNormRopeParams p) {
-  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, false, ALIGNED, PACKED>(p);
+  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, false, ALIGNED, PACKED, STREAM_STORES>(p);
 }
 
 /// \brief Multimodal RoPE: the 1-D work on rows gathered into shared memory per block. Left
@@ -556,5 +563,5 @@ __global__ void __launch_bounds__(BLOCK_THREADS,
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED, bool PACKED>
 __global__ void __launch_bounds__(BLOCK_THREADS, 4)
     qk_norm_mrope_kernel(const QkNormRopeParams p) {
-  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true, ALIGNED, PACKED>(p);
+  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true, ALIGNED, PACKED, false>(p);
 }

@@ -131,7 +131,8 @@ def _largest_head_dim(variant) -> int:
                    if dataclasses.replace(v, max_units=0) == same_kind
                    and v.max_units < variant.max_units), default=0)
     return max(d for d in HEAD_DIMS
-               if smaller < _jit.lanes_and_units(d, variant.vec)[1] <= variant.max_units)
+               if smaller < _jit.lanes_and_units(d, variant.vec)[1] <= variant.max_units
+               and _jit.prefetch_next(variant, d) == variant.prefetch_next)
 
 
 def variant_cases():

@@ -17,7 +17,9 @@ def test_variant_names_and_expressions_are_unique():
     assert len({v.expression for v in _jit.VARIANTS}) == len(_jit.VARIANTS)
     for v in _jit.VARIANTS:
         kernel = "qk_norm_mrope_kernel" if v.is_mrope else "qk_norm_rope_kernel"
-        flags = r"<\w+, (true|false), \d+, \d+, (true|false), (true|false)>"
+        # The 1-D kernel's last flag is STREAM_STORES.
+        last = "" if v.is_mrope else ", (true|false)"
+        flags = rf"<\w+, (true|false), \d+, \d+, (true|false), (true|false){last}>"
         assert re.fullmatch(kernel + flags, v.expression)
 
 
@@ -33,13 +35,27 @@ def test_every_head_dim_dispatches(dtype, is_neox, wide, is_mrope, aligned, pack
         lanes, units = _jit.lanes_and_units(head_dim, vec)
         assert lanes & (lanes - 1) == 0 and lanes <= 32
         assert lanes * units * 2 * vec >= head_dim
-        variant = _jit.select_variant(dtype, is_neox, vec, units, is_mrope, aligned, packed)
+        variant = _jit.select_variant(dtype, is_neox, vec, units, is_mrope, aligned, packed,
+                                      head_dim=head_dim)
         assert variant in _jit.VARIANTS and variant.max_units >= units
         assert variant.is_mrope == is_mrope
         # The scalar instances take any alignment; the wide ones come in both.
         assert variant.aligned == (aligned or vec == 1)
         # Packed addressing: wide aligned instances only; the others fall back.
         assert variant.packed == (packed and wide and aligned)
+        # The prefetching twin of a five-block instance: heads of 128 elements or more.
+        assert variant.prefetch_next == (variant.five_blocks_per_sm and head_dim >= 128)
+
+
+def test_selftest_head_dims_reach_every_variant():
+    # The GPU selftest checks that its call for a variant dispatches to it.
+    from cuqk.cli import _selftest_head_dim
+
+    for v in _jit.VARIANTS:
+        head_dim = _selftest_head_dim(v)
+        units = _jit.lanes_and_units(head_dim, v.vec)[1]
+        assert _jit.select_variant(v.dtype, v.is_neox, v.vec, units, v.is_mrope, v.aligned,
+                                   v.packed, head_dim=head_dim) == v, v.name
 
 
 def test_narrow_variants_are_the_packed_ones_below_the_wide_vec():
@@ -154,11 +170,35 @@ def test_wide_packed_16bit_instances_fit_five_blocks_per_sm_without_spills(arch)
     # 5 blocks of 256 threads in 65,536 registers leave 48 per thread (allocated 8 at a time).
     # Spills cost more than the fifth block gains (H200), so none are allowed.
     five_block = [v for v in _jit.VARIANTS if v.five_blocks_per_sm]
-    assert {(v.dtype, v.is_neox) for v in five_block} == {
-        (dtype, is_neox) for dtype in ("float16", "bfloat16") for is_neox in (True, False)}
+    assert sorted((v.dtype, v.is_neox, v.prefetch_next) for v in five_block) == sorted(
+        (dtype, is_neox, prefetch) for dtype in ("float16", "bfloat16")
+        for is_neox in (True, False) for prefetch in (True, False))
     for variant in five_block:
         registers, local = _jit.cubin_resources(_jit.compile_offline(variant, arch))
         assert registers <= 48 and local == 0, (variant.name, registers, local)
+
+
+def _ptx(variant, arch="compute_90"):
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(_jit.load_source("qk_norm_rope"), "qk_norm_rope.cu", (), ())
+    try:
+        nvrtc.addNameExpression(prog, variant.expression)
+        nvrtc.compileProgram(prog, (*_jit.NVRTC_OPTIONS, f"--gpu-architecture={arch}"))
+        return nvrtc.getPTX(prog).decode()
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def test_only_the_five_block_twin_without_the_prefetch_streams_its_stores():
+    # The store hint is the whole difference between the twins; a plain store elsewhere.
+    twins = [v for v in _jit.VARIANTS if v.five_blocks_per_sm and v.dtype == "bfloat16"]
+    others = [v for v in _jit.VARIANTS if not v.five_blocks_per_sm and v.dtype == "bfloat16"
+              and v.packed and not v.is_mrope]
+    assert len(twins) == 4 and others
+    for variant in twins + others:
+        streams = "st.global.cs" in _ptx(variant)
+        assert streams == (variant.five_blocks_per_sm and not variant.prefetch_next), variant.name
 
 
 def test_first_launch_caps_the_grid_at_the_resident_blocks(monkeypatch):

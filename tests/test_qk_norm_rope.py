@@ -3,6 +3,7 @@ against the float64 reference on the GPU)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 import zlib
@@ -853,14 +854,16 @@ def test_cpu_small_packed_calls_take_a_warp_per_head(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_wide_packed_16bit_calls_of_long_heads_prefetch_the_next_head(dtype):
-    """The L2 prefetch of each group's next head is on exactly where it measured faster: wide
-    packed 1-D instances of 16-bit heads of at least 128 elements."""
+    """The instance that asks the L2 for each group's next head (and stores plainly) is taken
+    exactly where it measured faster: wide packed 1-D calls of 16-bit heads of at least 128
+    elements; shorter heads take its twin, which streams its stores."""
     def prefetches(tokens, **kwargs):
         plan = _packed_plan(tokens, **kwargs)
         statics = dict(zip(cuqk._jit.STATIC_FIELDS, cuqk._jit._STATICS.unpack(plan.statics)))
-        assert statics["prefetch_next"] == cuqk._jit.prefetch_next(plan.variant,
-                                                                  kwargs["head_dim"])
-        return bool(statics["prefetch_next"])
+        assert statics["prefetch_next"] == plan.variant.prefetch_next
+        if plan.variant.five_blocks_per_sm and not plan.variant.prefetch_next:
+            assert dataclasses.replace(plan.variant, prefetch_next=True) in cuqk._jit.VARIANTS
+        return plan.variant.prefetch_next
 
     large = cuqk._jit.NARROW_MAX_HEADS
     sixteen_bit = dtype != "float32"
