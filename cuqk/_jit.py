@@ -306,8 +306,10 @@ def precompile(dtypes=None, device: int | None = None, progress=None) -> list[Va
     return chosen
 
 
-def compile_offline(variant: Variant, arch: str) -> bytes:
-    """Compile ``variant`` for ``arch`` (e.g. ``"sm_90"``) with NVRTC alone into a cubin.
+def compile_offline(variant: Variant, arch: str, *, ptx: bool = False) -> bytes:
+    """Compile ``variant`` for ``arch`` (e.g. ``"sm_90"``) with NVRTC alone into a cubin, or
+    with ``ptx`` return the PTX it goes through (the tests read which instructions a variant
+    uses there).
 
     Needs no GPU, which is how CI checks that every variant builds for every target and what
     ``cubin_resources`` reads.
@@ -323,7 +325,7 @@ def compile_offline(variant: Variant, arch: str) -> bytes:
         except nvrtc.NVRTCError as exc:
             raise RuntimeError(f"{variant.name} ({arch}):\n{nvrtc.getProgramLog(prog)}") from exc
         nvrtc.getLoweredName(prog, variant.expression)
-        return nvrtc.getCUBIN(prog)
+        return nvrtc.getPTX(prog) if ptx else nvrtc.getCUBIN(prog)
     finally:
         nvrtc.destroyProgram(prog)
 

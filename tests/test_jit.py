@@ -178,26 +178,14 @@ def test_wide_packed_16bit_instances_fit_five_blocks_per_sm_without_spills(arch)
         assert registers <= 48 and local == 0, (variant.name, registers, local)
 
 
-def _ptx(variant, arch="compute_90"):
-    from cupy_backends.cuda.libs import nvrtc
-
-    prog = nvrtc.createProgram(_jit.load_source("qk_norm_rope"), "qk_norm_rope.cu", (), ())
-    try:
-        nvrtc.addNameExpression(prog, variant.expression)
-        nvrtc.compileProgram(prog, (*_jit.NVRTC_OPTIONS, f"--gpu-architecture={arch}"))
-        return nvrtc.getPTX(prog).decode()
-    finally:
-        nvrtc.destroyProgram(prog)
-
-
 def test_only_the_five_block_twin_without_the_prefetch_streams_its_stores():
-    # The store hint is the whole difference between the twins; a plain store elsewhere.
+    # The store hint is the twins' only compile-time difference; plain stores elsewhere.
     twins = [v for v in _jit.VARIANTS if v.five_blocks_per_sm and v.dtype == "bfloat16"]
     others = [v for v in _jit.VARIANTS if not v.five_blocks_per_sm and v.dtype == "bfloat16"
               and v.packed and not v.is_mrope]
     assert len(twins) == 4 and others
     for variant in twins + others:
-        streams = "st.global.cs" in _ptx(variant)
+        streams = b"st.global.cs" in _jit.compile_offline(variant, "sm_90", ptx=True)
         assert streams == (variant.five_blocks_per_sm and not variant.prefetch_next), variant.name
 
 
