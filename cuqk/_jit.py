@@ -209,12 +209,13 @@ def prefetch_next(variant: Variant, head_dim: int) -> bool:
 
 
 def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int,
-                   is_mrope: bool = False, aligned: bool = True, packed: bool = False,
-                   head_dim: int = 0) -> Variant:
+                   is_mrope: bool = False, aligned: bool = True, packed: bool = False, *,
+                   head_dim: int) -> Variant:
     """The smallest instance that holds ``units_per_lane``; ValueError if none does. The scalar
     instances (``vec=1``) take any alignment and exist only as ``aligned=True``; ``packed`` is
     a preference that only the wide aligned instances take; ``head_dim`` picks between the
-    twins of a five-block instance (``prefetch_next``)."""
+    twins of a five-block instance (``prefetch_next``), so it has no default that would pick
+    one silently."""
     packed = packed and vec > 1 and aligned
     for variant in _BY_KEY.get((dtype, is_neox, vec, is_mrope, aligned or vec == 1, packed), ()):
         if variant.max_units >= units_per_lane:

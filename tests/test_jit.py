@@ -68,7 +68,7 @@ def test_narrow_variants_are_the_packed_ones_below_the_wide_vec():
 
 def test_unsupported_key_lists_supported_values():
     with pytest.raises(ValueError, match="supported"):
-        _jit.select_variant("float64", True, 2, 1)
+        _jit.select_variant("float64", True, 2, 1, head_dim=64)
 
 
 def test_param_struct_matches_kernel_source():
