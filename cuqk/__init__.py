@@ -15,9 +15,9 @@ except ImportError as exc:  # pragma: no cover - exercised by the packaging test
     ) from exc
 
 from . import reference
-from ._jit import VARIANTS, precompile
+from ._jit import VARIANTS, precompile, set_pdl
 from .qk_norm_rope import QkNormRope, qk_norm_rope, qk_norm_rope_, qk_norm_rope_gate, set_debug
 from .rope_cache import rope_cos_sin_cache
 
 __all__ = ["VARIANTS", "QkNormRope", "precompile", "qk_norm_rope", "qk_norm_rope_",
-           "qk_norm_rope_gate", "reference", "rope_cos_sin_cache", "set_debug"]
+           "qk_norm_rope_gate", "reference", "rope_cos_sin_cache", "set_debug", "set_pdl"]

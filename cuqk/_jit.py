@@ -5,16 +5,19 @@ offline NVRTC check build and what ``select_variant`` may return, so the compile
 dispatchable set cannot drift.
 
 Launches bypass CuPy's argument marshalling: the kernel takes one struct by value, packed with
-``struct`` into a per-thread buffer, and goes to ``cuLaunchKernel`` directly. That keeps a call
-near the cost of one eager torch op.
+``struct`` into a per-thread buffer, and goes to the driver's ``cuLaunchKernelEx`` directly
+(through ctypes; CuPy's driver module has no launch with attributes, which programmatic
+dependent launch needs). That keeps a call near the cost of one eager torch op.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import re
 import struct
+import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -266,6 +269,10 @@ def get_function(variant: Variant, device: int, stream: int = 0) -> int:
                 sms = runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device)
             _kernels[key] = kernel
             _resident[key] = max(1, per_sm) * sms
+            # NVRTC from CUDA 12 on builds such a device's kernels for 9.0 or newer, so with
+            # the wait in wait_for_prior_grids.
+            if capability >= _PDL_MIN_COMPUTE_CAPABILITY:
+                _pdl_devices.add(device)
             _functions[key] = func
     return func
 
@@ -421,27 +428,71 @@ def pack_statics(values: dict) -> bytes:
                            for name in STATIC_FIELDS))
 
 
+# cuLaunchKernelEx's CUlaunchConfig (grid, block, shared bytes, stream, attributes, their count)
+# and one CUlaunchAttribute: a 4-byte id, then at offset 8 a 64-byte value union whose first
+# int is the flag this attribute sets.
+_CONFIG = struct.Struct("<7I4xQQI4x")
+_ATTRIBUTE = struct.Struct("<I4xi60x")
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+_PDL_MIN_COMPUTE_CAPABILITY = 90
+_pdl = os.environ.get("CUQK_PDL", "1") != "0"
+_pdl_devices: set[int] = set()  # devices whose loaded kernels wait for prior grids
+
+
+def set_pdl(enabled: bool) -> bool:
+    """Turn programmatic dependent launch on (the default; ``CUQK_PDL=0`` starts with it off)
+    or off.
+
+    On compute capability 9.0 and newer, cuqk launches its kernels with programmatic stream
+    serialization: a launch may begin while the kernel before it in the stream is still
+    running, and the kernel waits for that one to finish (``griddepcontrol.wait``) before it
+    reads or writes global memory, so results are unchanged. Only the launch latency and block
+    start-up overlap the previous kernel; the kernel also lets the next kernel launched this
+    way start early, which then must wait the same way before reading cuqk's output. Older
+    devices launch plainly. Returns the previous setting. A CUDA graph keeps the setting its
+    launches were captured with.
+    """
+    global _pdl
+    previous, _pdl = _pdl, bool(enabled)
+    return previous
+
+
+def _load_launch_function():
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    function = ctypes.CDLL(name).cuLaunchKernelEx
+    function.argtypes = (ctypes.c_void_p,) * 4
+    function.restype = ctypes.c_int
+    return function
+
+
 class _ThreadBuffers(threading.local):
     def __init__(self):
         self.params = ctypes.create_string_buffer(PARAMS_SIZE)
         self.argv = (ctypes.c_void_p * 1)(ctypes.addressof(self.params))
         self.argv_addr = ctypes.addressof(self.argv)
+        self.attribute = ctypes.create_string_buffer(_ATTRIBUTE.size)
+        _ATTRIBUTE.pack_into(self.attribute, 0,
+                             _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 1)
+        self.attribute_addr = ctypes.addressof(self.attribute)
+        self.config = ctypes.create_string_buffer(_CONFIG.size)
+        self.config_addr = ctypes.addressof(self.config)
 
 
 _buffers = _ThreadBuffers()
+_launch_function = None
 _CUDA_ERROR_INVALID_CONTEXT = 201
 
 
-def _launch_raw(func, blocks, stream, device):
-    try:
-        driver.launchKernel(func, blocks, 1, 1, BLOCK_THREADS, 1, 1, 0, stream,
-                            _buffers.argv_addr, 0)
-    except driver.CUDADriverError as exc:
-        if getattr(exc, "status", None) != _CUDA_ERROR_INVALID_CONTEXT:
-            raise
+def _launch_raw(func, device):
+    global _launch_function
+    if _launch_function is None:
+        _launch_function = _load_launch_function()
+    status = _launch_function(_buffers.config_addr, func, _buffers.argv_addr, None)
+    if status == _CUDA_ERROR_INVALID_CONTEXT:
         runtime.setDevice(device)
-        driver.launchKernel(func, blocks, 1, 1, BLOCK_THREADS, 1, 1, 0, stream,
-                            _buffers.argv_addr, 0)
+        status = _launch_function(_buffers.config_addr, func, _buffers.argv_addr, None)
+    if status:
+        raise driver.CUDADriverError(status)
 
 
 def launch(func: int, blocks: int, stream: int, device: int, pointers, statics: bytes) -> None:
@@ -451,8 +502,10 @@ def launch(func: int, blocks: int, stream: int, device: int, pointers, statics: 
     the device's primary context and the launch is retried once.
     """
     _PARAMS.pack_into(_buffers.params, 0, *pointers, statics)
+    _CONFIG.pack_into(_buffers.config, 0, blocks, 1, 1, BLOCK_THREADS, 1, 1, 0, stream,
+                      _buffers.attribute_addr, _pdl and device in _pdl_devices)
     if runtime.getDevice() == device:
-        _launch_raw(func, blocks, stream, device)
+        _launch_raw(func, device)
     else:
         with cupy.cuda.Device(device):
-            _launch_raw(func, blocks, stream, device)
+            _launch_raw(func, device)

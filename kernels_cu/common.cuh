@@ -244,6 +244,18 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr) {
   asm volatile("prefetch.global.L2 [%0];" : : "l"(ptr));
 }
 
+/// \brief Programmatic dependent launch (compute capability 9.0+; nothing on older targets).
+/// A grid launched with programmatic stream serialization may start while the kernel before it
+/// in the stream still runs, so it waits here, before its first global access, until that
+/// kernel has finished and its writes are visible; then it lets the next such grid start its
+/// launch. The launch and block start-up of consecutive kernels then overlap the previous one.
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" : : : "memory");
+  asm volatile("griddepcontrol.launch_dependents;" : : : "memory");
+#endif
+}
+
 /// \brief Sum over aligned groups of GROUP lanes (a power of two, at most 32).
 /// Every lane of the warp must call it: shuffles inside a divergent branch are undefined.
 __device__ __forceinline__ float group_sum(float v, int group) {

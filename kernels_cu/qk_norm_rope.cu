@@ -302,6 +302,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
     rounds = max(1u, min(static_cast<unsigned>(p.mrope_rounds), windows * 10u / (gridDim.x * 9u)));
   }
   const unsigned window_heads = rounds * heads_per_block;
+  wait_for_prior_grids();
   if constexpr (IS_MROPE) {
     gather_mrope_rows(p, mrope_window(p, blockIdx.x * window_heads, window_heads, total), 0u,
                       mrope_rows[0]);

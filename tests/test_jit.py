@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import re
+import struct
+import types
 
 import numpy as np
 import pytest
+
+from conftest import requires_gpu
 
 from cuqk import _jit
 from cuqk.qk_norm_rope import HEAD_DIMS
@@ -203,3 +208,117 @@ def test_first_launch_caps_the_grid_at_the_resident_blocks(monkeypatch):
         op._launch(plan, ())
         op._launch(plan, ())
     assert launches == [(1234, 528, 7)] * 2 + [(1234, 3, 7)] * 2
+
+
+def _one_variant_per_kernel_path():
+    """A general, a realigning, a scalar, a narrow, a five-block and an mRoPE instance."""
+    picks = {}
+    for v in _jit.VARIANTS:
+        if v.dtype == "bfloat16" and v.is_neox:
+            kind = ("mrope" if v.is_mrope else "narrow" if v.narrow else
+                    "five" if v.five_blocks_per_sm else "scalar" if v.vec == 1 else
+                    "realign" if not v.aligned else "general")
+            picks.setdefault(kind, v)
+    assert len(picks) == 6
+    return list(picks.values())
+
+
+@pytest.mark.parametrize("variant", _one_variant_per_kernel_path(), ids=lambda v: v.name)
+def test_kernels_wait_for_the_prior_grid_from_sm90_on(variant):
+    # PDL launches are only safe if the kernel waits before its first global access; sm_80
+    # has no griddepcontrol and its launches stay plain.
+    for arch, expected in (("sm_80", False), ("sm_90", True)):
+        ptx = _jit.compile_offline(variant, arch, ptx=True)
+        assert (b"griddepcontrol.wait" in ptx) == expected, (variant.name, arch)
+        assert (b"griddepcontrol.launch_dependents" in ptx) == expected, (variant.name, arch)
+
+
+@pytest.mark.parametrize("pdl_device", [True, False])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_launch_asks_for_pdl_only_on_capable_devices_when_enabled(monkeypatch, pdl_device,
+                                                                  enabled):
+    # The driver call replaced: what cuLaunchKernelEx would be given.
+    seen = []
+
+    def fake_launch(config, func, argv, extra):
+        raw = ctypes.string_at(config, _jit._CONFIG.size)
+        seen.append((_jit._CONFIG.unpack(raw), func, argv, extra))
+        return 201 if len(seen) == 1 else 0  # the first launch finds no context bound
+
+    contexts = []
+    monkeypatch.setattr(_jit, "_launch_function", fake_launch)
+    monkeypatch.setattr(_jit, "runtime", types.SimpleNamespace(
+        getDevice=lambda: 3, setDevice=contexts.append))
+    monkeypatch.setattr(_jit, "_pdl_devices", {3} if pdl_device else set())
+    previous = _jit.set_pdl(enabled)
+    try:
+        _jit.launch(77, 528, 0xABC, 3, range(len(_jit.POINTER_FIELDS)),
+                    bytes(_jit._STATICS.size))
+    finally:
+        assert _jit.set_pdl(previous) == enabled
+    assert contexts == [3] and len(seen) == 2 and seen[0] == seen[1]
+    (grid_x, grid_y, grid_z, block_x, block_y, block_z, shared, stream, attrs, count), func, \
+        argv, extra = seen[0]
+    assert (grid_x, grid_y, grid_z, block_x, block_y, block_z, shared) == (
+        528, 1, 1, _jit.BLOCK_THREADS, 1, 1, 0)
+    assert (stream, func, argv, extra) == (0xABC, 77, _jit._buffers.argv_addr, None)
+    assert count == (pdl_device and enabled)
+    assert attrs == _jit._buffers.attribute_addr
+    # CUlaunchAttribute: the id, 4 bytes of padding, then the value union (72 bytes in all).
+    attribute = ctypes.string_at(attrs, 72)
+    assert attribute == struct.pack("<I4xi60x", 6, 1)
+    assert _jit._CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION == 6
+
+
+def test_launch_raises_the_driver_error(monkeypatch):
+    monkeypatch.setattr(_jit, "_launch_function", lambda *args: 700)
+    monkeypatch.setattr(_jit, "runtime", types.SimpleNamespace(getDevice=lambda: 0))
+    monkeypatch.setattr(_jit.driver, "CUDADriverError", lambda status: ValueError(status))
+    with pytest.raises(ValueError, match="700"):
+        _jit.launch(1, 1, 0, 0, range(len(_jit.POINTER_FIELDS)), bytes(_jit._STATICS.size))
+
+
+@requires_gpu
+@pytest.mark.parametrize("tokens", [3, 4096])
+def test_chained_calls_under_pdl_match_serial_launches(tokens):
+    # Each in-place call reads what the one before it wrote, with a torch kernel in between
+    # (not launched with PDL): under PDL, in eager mode and in a CUDA graph, every result must
+    # be bit for bit that of plain launches. A kernel that read before the prior grid finished
+    # would see stale heads.
+    import torch
+
+    import cuqk
+
+    hq, hk, hv, d = 32, 8, 8, 128
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    start = torch.randn(tokens, (hq + hk + hv) * d, device="cuda", dtype=torch.bfloat16,
+                        generator=gen)
+    positions = torch.randint(0, 4096, (tokens,), device="cuda", generator=gen)
+    weight = (1 + 0.1 * torch.randn(d, device="cuda", generator=gen)).to(torch.bfloat16)
+    cache = torch.from_numpy(cuqk.rope_cos_sin_cache(4096, d)).cuda()
+
+    def chain(qkv):
+        for step in range(6):
+            cuqk.qk_norm_rope_(qkv, positions, weight, weight, cache, num_q_heads=hq,
+                               num_kv_heads=hk, head_dim=d)
+            if step == 2:
+                qkv[:, :d].mul_(3.0)
+        return qkv
+
+    previous = cuqk.set_pdl(False)
+    try:
+        expected = chain(start.clone())
+        cuqk.set_pdl(True)
+        eager = chain(start.clone())
+        qkv = start.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chain(qkv)
+        for _ in range(3):
+            qkv.copy_(start)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(qkv, expected)
+    finally:
+        cuqk.set_pdl(previous)
+    assert torch.equal(eager, expected)
