@@ -446,10 +446,11 @@ def set_pdl(enabled: bool) -> bool:
     On compute capability 9.0 and newer, cuqk launches its kernels with programmatic stream
     serialization: a launch may begin while the kernel before it in the stream is still
     running, and the kernel waits for that one to finish (``griddepcontrol.wait``) before it
-    reads or writes global memory, so results are unchanged. Only the launch latency and block
-    start-up overlap the previous kernel; the kernel also lets the next kernel launched this
-    way start early, which then must wait the same way before reading cuqk's output. Older
-    devices launch plainly. Returns the previous setting. A CUDA graph keeps the setting its
+    reads or writes global memory, so results are unchanged. Only the launch latency, block
+    start-up and (in the prefetching five-block instances) an L2 prefetch of each group's first
+    head overlap the previous kernel; the kernel also lets the next kernel launched this way
+    start early, which then must wait the same way before reading cuqk's output. Older devices
+    launch plainly. Returns the previous setting. A CUDA graph keeps the setting its
     launches were captured with.
     """
     global _pdl

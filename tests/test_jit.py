@@ -233,6 +233,17 @@ def test_kernels_wait_for_the_prior_grid_from_sm90_on(variant):
         assert (b"griddepcontrol.launch_dependents" in ptx) == expected, (variant.name, arch)
 
 
+def test_only_the_prefetching_five_block_twins_prefetch_before_the_wait():
+    # Their first head goes to the L2 while the prior grid may still run; a load before the
+    # wait would be a race, so only prefetches may come first, and only in those twins.
+    for variant in _one_variant_per_kernel_path() + [
+            v for v in _jit.VARIANTS if v.five_blocks_per_sm and v.dtype == "bfloat16"]:
+        ptx = _jit.compile_offline(variant, "sm_90", ptx=True).decode()
+        before = ptx[ptx.index(".entry"):ptx.index("griddepcontrol.wait")]
+        assert ("prefetch.global.L2" in before) == variant.prefetch_next, variant.name
+        assert not re.search(r"\b(ld|st)\.global", before), variant.name
+
+
 @pytest.mark.parametrize("pdl_device", [True, False])
 @pytest.mark.parametrize("enabled", [True, False])
 def test_launch_asks_for_pdl_only_on_capable_devices_when_enabled(monkeypatch, pdl_device,
