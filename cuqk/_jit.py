@@ -458,6 +458,11 @@ def set_pdl(enabled: bool) -> bool:
     return previous
 
 
+def pdl_enabled() -> bool:
+    """Whether launches on compute capability 9.0+ use programmatic dependent launch."""
+    return _pdl
+
+
 def _load_launch_function():
     name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
     function = ctypes.CDLL(name).cuLaunchKernelEx
@@ -497,7 +502,8 @@ def _launch_raw(func, device):
 
 
 def launch(func: int, blocks: int, stream: int, device: int, pointers, statics: bytes) -> None:
-    """Launch ``func`` on ``blocks`` x BLOCK_THREADS threads of ``stream`` on ``device``.
+    """Launch ``func`` on ``blocks`` x BLOCK_THREADS threads of ``stream`` on ``device``, with
+    programmatic stream serialization where ``set_pdl`` and the device allow it.
 
     A thread on which the driver has no context bound yet (the runtime binds it lazily) gets
     the device's primary context and the launch is retried once.

@@ -1,5 +1,8 @@
 """Benchmark cuqk.qk_norm_rope_ against unfused and compiled PyTorch and a plain copy.
 
+Providers: cuqk, cuqk_no_pdl (the same op launched without programmatic dependent launch),
+torch_eager, torch_compile, copy.
+
 Each case (config, dtype, T, provider) is timed as the device time of one call. N calls are
 captured into one CUDA graph (N chosen so a replay lasts ~1 ms, 1 <= N <= 200) and the graph is
 replayed ~25 times between CUDA events, so the figures contain no host launch overhead; for

@@ -56,6 +56,8 @@ def cmd_info(_args) -> int:
         ("cache directory", os.environ.get("CUPY_CACHE_DIR",
                                            os.path.expanduser("~/.cupy/kernel_cache"))),
         ("variants", f"{len(_jit.VARIANTS)} in the table"),
+        ("programmatic launch", "on, from compute capability 9.0" if _jit.pdl_enabled()
+         else "off (cuqk.set_pdl, CUQK_PDL)"),
     ]
     count = _gpu_count()
     if count:

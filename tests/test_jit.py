@@ -265,6 +265,7 @@ def test_launch_asks_for_pdl_only_on_capable_devices_when_enabled(monkeypatch, p
     try:
         _jit.launch(77, 528, 0xABC, 3, range(len(_jit.POINTER_FIELDS)),
                     bytes(_jit._STATICS.size))
+        assert _jit.pdl_enabled() == enabled
     finally:
         assert _jit.set_pdl(previous) == enabled
     assert contexts == [3] and len(seen) == 2 and seen[0] == seen[1]
