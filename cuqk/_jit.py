@@ -465,7 +465,12 @@ def pdl_enabled() -> bool:
 
 def _load_launch_function():
     name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
-    function = ctypes.CDLL(name).cuLaunchKernelEx
+    try:
+        function = ctypes.CDLL(name).cuLaunchKernelEx
+    except AttributeError as exc:
+        raise RuntimeError(
+            f"cuqk launches through cuLaunchKernelEx, which this CUDA driver ({name}) lacks; "
+            "it needs a driver of CUDA 11.8 or newer") from exc
     function.argtypes = (ctypes.c_void_p,) * 4
     function.restype = ctypes.c_int
     return function

@@ -290,6 +290,12 @@ def test_launch_raises_the_driver_error(monkeypatch):
         _jit.launch(1, 1, 0, 0, range(len(_jit.POINTER_FIELDS)), bytes(_jit._STATICS.size))
 
 
+def test_a_driver_without_cuLaunchKernelEx_gets_a_clear_error(monkeypatch):
+    monkeypatch.setattr(_jit.ctypes, "CDLL", lambda name: types.SimpleNamespace())
+    with pytest.raises(RuntimeError, match="cuLaunchKernelEx.*11.8"):
+        _jit._load_launch_function()
+
+
 @requires_gpu
 @pytest.mark.parametrize("tokens", [3, 4096])
 def test_chained_calls_under_pdl_match_serial_launches(tokens):
