@@ -126,8 +126,8 @@ def _selftest_head_dim(variant) -> int:
         return 64 * variant.vec
     if variant.max_units > 1:
         return 512
-    # A five-block instance's prefetching twin takes heads of 128 elements and more.
-    return 64 if variant.five_blocks_per_sm and not variant.prefetch_next else 128
+    # The dispatcher's own rule picks between the twins of a five-block instance.
+    return next(d for d in (128, 64) if _jit.prefetch_next(variant, d) == variant.prefetch_next)
 
 
 def _selftest_gpu_variant(variant, rng):
