@@ -90,7 +90,10 @@ class Variant:
     a narrow one, a warp per head for small calls (``narrow_vec``). ``prefetch_next``: the
     twin of a five-block instance whose launches ask the L2 for each group's next head; the
     other twin streams its stores instead (the kernel's STREAM_STORES; ``prefetch_next``, the
-    function, says which twin a call takes)."""
+    function, says which twin a call takes). ``chunks``: an unaligned 16-bit NeoX instance
+    that moves each head as the aligned 16-byte chunks it overlaps (the kernel's CHUNKS), for
+    calls whose rotary_dim is head_dim and whose outputs sit at their inputs' offsets within
+    16 bytes (``chunks_fit``); it may be ``packed``."""
 
     dtype: str
     is_neox: bool
@@ -100,6 +103,7 @@ class Variant:
     aligned: bool = True
     packed: bool = False
     prefetch_next: bool = False
+    chunks: bool = False
 
     @property
     def narrow(self) -> bool:
@@ -110,7 +114,7 @@ class Variant:
     def five_blocks_per_sm(self) -> bool:
         """A wide packed 1-D instance of 16-bit data: the kernel's five_blocks_per_sm, bounded
         to 5 blocks of 256 threads per SM (48 registers)."""
-        return (self.packed and not self.is_mrope and not self.narrow
+        return (self.packed and self.aligned and not self.is_mrope and not self.narrow
                 and DTYPES[self.dtype][1] == 2)
 
     @property
@@ -120,16 +124,18 @@ class Variant:
         realign = "" if self.aligned else "_realign"
         packed = "_packed" if self.packed else ""
         prefetch = "_prefetch" if self.prefetch_next else ""
+        chunks = "_chunks" if self.chunks else ""
         return (f"qk_norm_rope_{self.dtype}_{style}_vec{self.vec}_units{self.max_units}{mrope}"
-                f"{realign}{packed}{prefetch}")
+                f"{realign}{chunks}{packed}{prefetch}")
 
     @property
     def expression(self) -> str:
         flags = [DTYPES[self.dtype][0], "true" if self.is_neox else "false", str(self.vec),
                  str(self.max_units), "true" if self.aligned else "false",
                  "true" if self.packed else "false"]
-        if not self.is_mrope:  # STREAM_STORES
+        if not self.is_mrope:  # STREAM_STORES, CHUNKS
             flags.append("true" if self.five_blocks_per_sm and not self.prefetch_next else "false")
+            flags.append("true" if self.chunks else "false")
         kernel = "qk_norm_mrope_kernel" if self.is_mrope else "qk_norm_rope_kernel"
         return f"{kernel}<{', '.join(flags)}>"
 
@@ -146,6 +152,11 @@ _SCALAR_UNITS = 8
 NARROW_VECS = {"float32": (2,), "float16": (2, 4), "bfloat16": (2, 4)}
 # Up to this many heads in a call (tokens x (Hq + Hk)) packed calls take the narrow instance.
 NARROW_MAX_HEADS = 2048
+# Up to this many heads unaligned calls that chunks_fit take the chunks instances. Measured on
+# an H200 (qwen3-8b-unaligned, 40 heads a token, bf16 and fp16, us, against the narrow-access
+# instance): T=16 3.24 against 3.50, T=1024 12.1-12.4 against 16.2-16.9, T=8192 (327,680
+# heads) 82.7-83.6 against 82.8-84.4, but T=32768 327-330 against 310-312.
+CHUNKS_MAX_HEADS = 8192 * 40
 
 
 def _build_variants() -> tuple[Variant, ...]:
@@ -162,6 +173,9 @@ def _build_variants() -> tuple[Variant, ...]:
                             out.append(variant)
                             if variant.five_blocks_per_sm:
                                 out.append(replace(variant, prefetch_next=True))
+                if is_neox and not is_mrope and DTYPES[dtype][1] == 2:
+                    out += [Variant(dtype, True, vec, 1, aligned=False, packed=packed, chunks=True)
+                            for packed in (False, True)]
                 out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS, is_mrope))
                 if not is_mrope:
                     out += [Variant(dtype, is_neox, vec, 1, packed=True)
@@ -174,8 +188,8 @@ _BY_KEY = {}
 for _v in VARIANTS:
     if _v.prefetch_next:
         continue  # select_variant picks these by head_dim
-    _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec, _v.is_mrope, _v.aligned, _v.packed),
-                       []).append(_v)
+    _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec, _v.is_mrope, _v.aligned, _v.packed,
+                        _v.chunks), []).append(_v)
 
 
 def narrow_vec(dtype: str, head_dim: int) -> int | None:
@@ -211,16 +225,27 @@ def prefetch_next(variant: Variant, head_dim: int) -> bool:
     return variant.five_blocks_per_sm and head_dim >= 128
 
 
+def chunks_fit(dtype: str, is_neox: bool, vec: int, is_mrope: bool, rotary_dim: int,
+               head_dim: int) -> bool:
+    """Whether a call of unaligned heads can take a ``chunks`` instance, given that its
+    outputs sit at their inputs' offsets within 16 bytes (the caller checks that)."""
+    return (DTYPES[dtype][1] == 2 and is_neox and vec == wide_vec(dtype) and not is_mrope
+            and rotary_dim == head_dim)
+
+
 def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int,
                    is_mrope: bool = False, aligned: bool = True, packed: bool = False, *,
-                   head_dim: int) -> Variant:
+                   head_dim: int, chunks: bool = False) -> Variant:
     """The smallest instance that holds ``units_per_lane``; ValueError if none does. The scalar
     instances (``vec=1``) take any alignment and exist only as ``aligned=True``; ``packed`` is
-    a preference that only the wide aligned instances take; ``head_dim`` picks between the
-    twins of a five-block instance (``prefetch_next``), so it has no default that would pick
-    one silently."""
-    packed = packed and vec > 1 and aligned
-    for variant in _BY_KEY.get((dtype, is_neox, vec, is_mrope, aligned or vec == 1, packed), ()):
+    a preference that only the wide aligned and the ``chunks`` instances take; ``chunks`` one
+    of unaligned wide calls, for the caller to ask where ``chunks_fit``; ``head_dim`` picks
+    between the twins of a five-block instance (``prefetch_next``), so it has no default that
+    would pick one silently."""
+    chunks = chunks and not aligned and vec > 1
+    packed = packed and vec > 1 and (aligned or chunks)
+    key = (dtype, is_neox, vec, is_mrope, aligned or vec == 1, packed, chunks)
+    for variant in _BY_KEY.get(key, ()):
         if variant.max_units >= units_per_lane:
             if prefetch_next(variant, head_dim):
                 return replace(variant, prefetch_next=True)

@@ -139,6 +139,12 @@ def _selftest_gpu_variant(variant, rng):
     # off a 16-byte boundary then selects the scalar one.
     offset = 0 if variant.aligned and variant.vec > 1 else 1
     cache_offset = 1 if variant.vec == 1 else 0
+    # Unaligned heads that could move in chunks take the narrow-access instance only under
+    # partial rotary.
+    narrow_access = (not variant.aligned and not variant.chunks and variant.vec > 1
+                     and _jit.chunks_fit(variant.dtype, variant.is_neox, variant.vec,
+                                         variant.is_mrope, head_dim, head_dim))
+    rotary = head_dim // 2 if narrow_access else head_dim
     hq, hk, hv, max_pos = 4, 2, 1, 256
     # The general instance of a kind that has a packed one is reached through leading dims
     # that do not fold into one stride: rows [2, 20] of which [2, 19] are used. A wide packed
@@ -156,12 +162,12 @@ def _selftest_gpu_variant(variant, rng):
         return "skipped: bfloat16 needs torch"
     qkv = flat[offset:].reshape(*rows, width)[used]
     # mRoPE variants: Qwen2-VL-like sections (1 : 1.5 : 1.5) of the rotary half.
-    half = head_dim // 2
+    half = rotary // 2
     section = (half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8)
     mrope = {"mrope_section": section} if variant.is_mrope else {}
     positions_host = rng.integers(0, max_pos, (3, *lead) if variant.is_mrope else lead)
     positions, _ = _gpu_array(positions_host, "int64")
-    cache_host = rope_cos_sin_cache(max_pos, head_dim)
+    cache_host = rope_cos_sin_cache(max_pos, rotary)
     cache_flat, cache64 = _gpu_array(np.concatenate([np.zeros(cache_offset, np.float32),
                                                      cache_host.reshape(-1)]), "float32")
     if variant.dtype == "bfloat16":  # keep one framework per call
@@ -169,18 +175,19 @@ def _selftest_gpu_variant(variant, rng):
 
         positions = torch.from_numpy(positions_host).cuda()
         cache_flat = torch.from_numpy(cache64.astype(np.float32)).cuda()
-    cache = cache_flat[cache_offset:].reshape(max_pos, head_dim)
-    cache64 = cache64[cache_offset:].reshape(max_pos, head_dim)
+    cache = cache_flat[cache_offset:].reshape(max_pos, rotary)
+    cache64 = cache64[cache_offset:].reshape(max_pos, rotary)
     args = (qkv, positions, None, None, cache)
-    chosen = _plan_packed(*args, hq, hk, head_dim, hv, 1e-6, variant.is_neox, None, "rms",
+    chosen = _plan_packed(*args, hq, hk, head_dim, hv, 1e-6, variant.is_neox, rotary, "rms",
                           False, mrope.get("mrope_section"), False).variant
     if chosen != variant:
         return f"dispatcher chose {chosen.name if chosen else None}"
     qk_norm_rope_(*args, num_q_heads=hq, num_kv_heads=hk, head_dim=head_dim, num_v_heads=hv,
-                  is_neox=variant.is_neox, **mrope)
+                  is_neox=variant.is_neox, rotary_dim=rotary, **mrope)
     ref = reference.qkv_norm_rope(flat64[offset:].reshape(*rows, width)[used], positions_host,
                                   None, None, cache64, num_q_heads=hq, num_kv_heads=hk,
-                                  head_dim=head_dim, is_neox=variant.is_neox, **mrope)
+                                  head_dim=head_dim, is_neox=variant.is_neox, rotary_dim=rotary,
+                                  **mrope)
     err = np.linalg.norm(_to_float64(qkv) - ref) / np.linalg.norm(ref)
     tolerance = reference.TOLERANCES[variant.dtype]
     return None if err <= tolerance else f"relative L2 error {err:.3g} > {tolerance:g}"

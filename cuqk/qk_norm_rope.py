@@ -243,6 +243,15 @@ def _aligned(ptr_or_stride_bytes, alignment):
     return ptr_or_stride_bytes % alignment == 0
 
 
+def _outputs_at_input_offsets(heads, lead_strides, itemsize):
+    """Whether every q_out and k_out head starts at its q_in or k_in head's address modulo 16
+    bytes (``heads`` and ``lead_strides`` as in ``_build_plan``)."""
+    def places(i):
+        (ptr, _, head_stride), lead = heads[i], lead_strides[i]
+        return ptr % 16, tuple(s * itemsize % 16 for s in (*lead, head_stride))
+    return places(0) == places(2) and places(1) == places(3)
+
+
 def _itemsize(dtype):
     return _jit.DTYPES[dtype][1] if dtype in _jit.DTYPES else np.dtype(dtype).itemsize
 
@@ -377,8 +386,15 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
             and num_tokens * num_heads <= _jit.NARROW_MAX_HEADS):
         vec = _jit.narrow_vec(act_dtype, head_dim) or vec
     lanes, units = _jit.lanes_and_units(head_dim, vec)
+    # Unaligned heads move as whole aligned chunks where each output head sits at its input's
+    # offset within 16 bytes (in place, always), up to the size where that measured faster.
+    chunks = (not data_ok and not gate and num_tokens * num_heads <= _jit.CHUNKS_MAX_HEADS
+              and _outputs_at_input_offsets(heads, lead_strides, itemsize)
+              and _jit.chunks_fit(act_dtype, is_neox, vec, mrope_section is not None, rotary_dim,
+                                  head_dim))
     variant = _jit.select_variant(act_dtype, is_neox, vec, units, mrope_section is not None,
-                                  aligned=data_ok, packed=packed, head_dim=head_dim)
+                                  aligned=data_ok, packed=packed, head_dim=head_dim,
+                                  chunks=chunks)
 
     sections = tuple(mrope_section) if mrope_section is not None else (0, 0, 0)
     statics = {

@@ -158,6 +158,26 @@ __device__ __forceinline__ void store_words(void* ptr, const cuqk_u32 (&w)[N]) {
   }
 }
 
+/// \brief Widens the 2 * N 16-bit elements packed in N words (low half first) to float32.
+template <typename T, int N>
+__device__ __forceinline__ void words_to_floats(const cuqk_u32 (&w)[N], float (&out)[2 * N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    out[2 * i] = u16_to_float(static_cast<cuqk_u16>(w[i] & 0xffffu), T{});
+    out[2 * i + 1] = u16_to_float(static_cast<cuqk_u16>(w[i] >> 16), T{});
+  }
+}
+
+/// \brief Rounds 2 * N float32 values to the 16-bit type T once and packs them in N words.
+template <typename T, int N>
+__device__ __forceinline__ void floats_to_words(const float (&in)[2 * N], cuqk_u32 (&w)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    w[i] = static_cast<cuqk_u32>(float_to_u16(in[2 * i], T{})) |
+           (static_cast<cuqk_u32>(float_to_u16(in[2 * i + 1], T{})) << 16);
+  }
+}
+
 /// \brief Loads N consecutive elements of storage type T and widens them to float32.
 /// \tparam T float, bf16_t or f16_t.
 /// \tparam ALIGNED the pointer is aligned to N * sizeof(T) bytes (at most 16); otherwise only
@@ -172,11 +192,7 @@ __device__ __forceinline__ void load_as_float(const T* ptr, float (&out)[N]) {
   } else if constexpr (N % 2 == 0) {
     cuqk_u32 w[N / 2];
     load_words<N / 2, ALIGNED>(ptr, w);
-#pragma unroll
-    for (int i = 0; i < N / 2; ++i) {
-      out[2 * i] = u16_to_float(static_cast<cuqk_u16>(w[i] & 0xffffu), T{});
-      out[2 * i + 1] = u16_to_float(static_cast<cuqk_u16>(w[i] >> 16), T{});
-    }
+    words_to_floats<T>(w, out);
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) {
@@ -196,15 +212,63 @@ __device__ __forceinline__ void store_from_float(T* ptr, const float (&in)[N]) {
     store_words<N, ALIGNED, STREAMING>(ptr, w);
   } else if constexpr (N % 2 == 0) {
     cuqk_u32 w[N / 2];
-#pragma unroll
-    for (int i = 0; i < N / 2; ++i) {
-      w[i] = static_cast<cuqk_u32>(float_to_u16(in[2 * i], T{})) |
-             (static_cast<cuqk_u32>(float_to_u16(in[2 * i + 1], T{})) << 16);
-    }
+    floats_to_words<T>(in, w);
     store_words<N / 2, ALIGNED, STREAMING>(ptr, w);
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) reinterpret_cast<cuqk_u16*>(ptr)[i] = float_to_u16(in[i], T{});
+  }
+}
+
+/// \brief Loads the bytes [from, to) of the 16-byte aligned chunk at `chunk` into the words
+/// of w that hold them (the other bytes read as 0): from and to are even, and one of them is 0
+/// or 16, so each word is whole, a 16-bit half or outside. Never a byte outside the range: the
+/// edge chunks of a head that starts mid-chunk hold a neighbour's bytes.
+__device__ __forceinline__ void load_chunk_part(const void* chunk, int from, int to,
+                                                cuqk_u32 (&w)[4]) {
+  const cuqk_u32* words = static_cast<const cuqk_u32*>(chunk);
+  const cuqk_u16* halves = static_cast<const cuqk_u16*>(chunk);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int lo = 4 * i, hi = 4 * i + 4;
+    w[i] = 0u;
+    if (lo >= from && hi <= to) {
+      w[i] = words[i];
+    } else if (lo + 2 == from && hi <= to) {
+      w[i] = static_cast<cuqk_u32>(halves[2 * i + 1]) << 16;
+    } else if (lo >= from && lo + 2 == to) {
+      w[i] = halves[2 * i];
+    }
+  }
+}
+
+/// \brief Stores the 16-byte aligned chunk at `chunk` in one access. In PTX because NVVM wrote
+/// the struct store of store_words_by as four word stores next to store_chunk_part's
+/// branches.
+__device__ __forceinline__ void store_chunk(void* chunk, const cuqk_u32 (&w)[4]) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
+               :
+               : "l"(chunk), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+               : "memory");
+}
+
+/// \brief Stores the bytes [from, to) of w to the 16-byte aligned chunk at `chunk` (from and
+/// to as in load_chunk_part); the chunk's other bytes, which other threads may be writing, are
+/// not touched.
+__device__ __forceinline__ void store_chunk_part(void* chunk, int from, int to,
+                                                 const cuqk_u32 (&w)[4]) {
+  cuqk_u32* words = static_cast<cuqk_u32*>(chunk);
+  cuqk_u16* halves = static_cast<cuqk_u16*>(chunk);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int lo = 4 * i, hi = 4 * i + 4;
+    if (lo >= from && hi <= to) {
+      words[i] = w[i];
+    } else if (lo + 2 == from && hi <= to) {
+      halves[2 * i + 1] = static_cast<cuqk_u16>(w[i] >> 16);
+    } else if (lo >= from && lo + 2 == to) {
+      halves[2 * i] = static_cast<cuqk_u16>(w[i] & 0xffffu);
+    }
   }
 }
 

@@ -15,6 +15,15 @@
 // l, l + LANES, ... (MAX_UNITS at most), so loads are coalesced across the lanes of a head
 // and no data is exchanged between lanes except the sum of squares.
 //
+// Unaligned heads in whole chunks (CHUNKS: 16-bit data, NeoX, rotary_dim = head_dim). A head
+// that starts `shift` elements into an aligned 16-byte chunk is read and written as the
+// aligned chunks it overlaps, one 16-byte access per vector, where moving the vector itself
+// takes up to five narrow ones. Unit k holds the chunks at k*VEC and rot/2 + k*VEC from the
+// chunk base; slot i of both holds a rotation pair of frequency k*VEC + i - shift, except in
+// unit 0, whose slots i < shift pair the chunk at rot/2 with the tail chunk past the head
+// (frequency rot/2 + i - shift). The weights and cos/sin of each slot are gathered at those
+// indices, and only unit 0's first and tail chunks are moved in pieces.
+//
 // Gated attention. With gate_out set, each q head of q_in is followed by a gate head of the same
 // size (q_in's head stride is 2 * head_dim); the gates are extra work items after the k heads,
 // copied bit for bit to gate_out, which has q_out's strides.
@@ -134,17 +143,45 @@ __device__ __forceinline__ int mrope_section_of(int j, const QkNormRopeParams& p
   return j < p.mrope_section0 ? 0 : (j < p.mrope_section0 + p.mrope_section1 ? 1 : 2);
 }
 
+/// \brief The frequency of slot i of unit k in the CHUNKS layout (see above), from
+/// k * VEC + i; half is rotary_dim / 2.
+__device__ __forceinline__ int chunk_freq(int k_vec_i, int shift, int half) {
+  const int f = k_vec_i - shift;
+  return f < 0 ? f + half : f;
+}
+
 /// \brief cos and sin of frequencies [freq, freq + VEC) for a token at position pos.
 /// Positions outside [0, max_position) read row 0 and yield NaN: loud, never out of bounds.
 /// half is rotary_dim / 2, the distance from a cos to its sin.
 /// \tparam CACHE_F32 the cache is float32 (else its dtype is read at run time)
-template <int VEC, bool CACHE_F32>
+/// \tparam CHUNKS    frequency freq + i is slot i of the CHUNKS layout, whose frequency is
+///                   chunk_freq(freq + i, chunk_shift, half): one load per element
+template <int VEC, bool CACHE_F32, bool CHUNKS = false>
 __device__ __forceinline__ void load_cos_sin(const QkNormRopeParams& p, long long pos, int freq,
-                                             int half, float (&c)[VEC], float (&s)[VEC]) {
+                                             int half, float (&c)[VEC], float (&s)[VEC],
+                                             int chunk_shift = 0) {
   const float nan = __int_as_float(0x7fc00000);
   const bool ok = pos >= 0 && pos < p.max_position;
   const long long at = (ok ? pos : 0) * p.cache_row_stride + freq;
-  if constexpr (CACHE_F32) {
+  if constexpr (CHUNKS) {
+    const long long row = at - freq;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const int f = chunk_freq(freq + i, chunk_shift, half);
+      float ci[1], si[1];
+      if constexpr (CACHE_F32) {
+        const float* cache = reinterpret_cast<const float*>(p.cache) + row + f;
+        load_as_float<float, 1>(cache, ci);
+        load_as_float<float, 1>(cache + half, si);
+      } else {
+        const void* cache = reinterpret_cast<const void*>(p.cache);
+        load_as_float_dyn<1>(cache, row + f, static_cast<int>(p.cache_dtype), ci);
+        load_as_float_dyn<1>(cache, row + f + half, static_cast<int>(p.cache_dtype), si);
+      }
+      c[i] = ci[0];
+      s[i] = si[0];
+    }
+  } else if constexpr (CACHE_F32) {
     const float* cache = reinterpret_cast<const float*>(p.cache) + at;
     load_as_float<float, VEC>(cache, c);
     load_as_float<float, VEC>(cache + half, s);
@@ -227,14 +264,14 @@ struct SideInputs {
   float wa[VEC], wb[VEC], c[VEC], s[VEC];
 };
 
-/// \brief Whether an instance is a wide packed 1-D one of 16-bit data (16-byte vectors). Left
-/// alone they take 60 registers, 4 blocks of 256 threads per SM, which hold too few bytes in
-/// flight for an H200's bandwidth; they are bounded to 5 blocks (48 registers) and load their
-/// side inputs half a vector at a time, which leaves no spills (the same bound with whole
-/// vectors spilled and ran slower than 4 blocks).
-template <typename T_IN, int VEC, bool IS_MROPE, bool PACKED>
+/// \brief Whether an instance is a wide aligned packed 1-D one of 16-bit data (16-byte
+/// vectors). Left alone they take 60 registers, 4 blocks of 256 threads per SM, which hold too
+/// few bytes in flight for an H200's bandwidth; they are bounded to 5 blocks (48 registers)
+/// and load their side inputs half a vector at a time, which leaves no spills (the same bound
+/// with whole vectors spilled and ran slower than 4 blocks).
+template <typename T_IN, int VEC, bool IS_MROPE, bool PACKED, bool ALIGNED>
 __host__ __device__ constexpr bool five_blocks_per_sm() {
-  return PACKED && !IS_MROPE && sizeof(T_IN) == 2 && VEC * sizeof(T_IN) == 16;
+  return PACKED && ALIGNED && !IS_MROPE && sizeof(T_IN) == 2 && VEC * sizeof(T_IN) == 16;
 }
 
 /// \brief Rotates pairs [first, first + N) of one rotary unit in place (see the pair layout
@@ -250,6 +287,58 @@ __device__ __forceinline__ void rotate_pairs(float (&y)[2 * VEC], int first, con
     const float a = y[ia], b = y[ib];
     y[ia] = a * c[i] - b * s[i];
     y[ib] = b * c[i] + a * s[i];
+  }
+}
+
+/// \brief Unit k of a CHUNKS head whose chunks start at `base` (16-byte aligned, `shift`
+/// elements before the head): x[i] and x[VEC + i] are the rotation pair of slot i.
+template <typename T_IN, int VEC>
+__device__ __forceinline__ void load_chunk_unit(const T_IN* base, int k, int half, int shift,
+                                                float (&x)[2 * VEC]) {
+  constexpr int WORDS = VEC / 2;
+  const int edge = k == 0 ? shift : 0;
+  cuqk_u32 a[WORDS], b[WORDS], c[WORDS] = {};
+  if (edge) {
+    load_chunk_part(base + k * VEC, edge * 2, 16, a);
+    load_chunk_part(base + 2 * half, 0, edge * 2, c);
+  } else {
+    load_words_by<WORDS, WORDS>(base + k * VEC, a);
+  }
+  load_words_by<WORDS, WORDS>(base + half + k * VEC, b);
+  float fa[VEC], fb[VEC], fc[VEC];
+  words_to_floats<T_IN>(a, fa);
+  words_to_floats<T_IN>(b, fb);
+  words_to_floats<T_IN>(c, fc);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    x[i] = i >= edge ? fa[i] : fb[i];
+    x[VEC + i] = i >= edge ? fb[i] : fc[i];
+  }
+}
+
+/// \brief Stores unit k's pairs y (load_chunk_unit's layout) back to their chunks.
+template <typename T_IN, int VEC>
+__device__ __forceinline__ void store_chunk_unit(T_IN* base, int k, int half, int shift,
+                                                 const float (&y)[2 * VEC]) {
+  constexpr int WORDS = VEC / 2;
+  const int edge = k == 0 ? shift : 0;
+  float fa[VEC], fb[VEC], fc[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    fa[i] = y[i];
+    fb[i] = i >= edge ? y[VEC + i] : y[i];
+    fc[i] = y[VEC + i];
+  }
+  cuqk_u32 a[WORDS], b[WORDS], c[WORDS];
+  floats_to_words<T_IN>(fa, a);
+  floats_to_words<T_IN>(fb, b);
+  floats_to_words<T_IN>(fc, c);
+  store_chunk(base + half + k * VEC, b);
+  if (edge) {
+    store_chunk_part(base + k * VEC, edge * 2, 16, a);
+    store_chunk_part(base + 2 * half, 0, edge * 2, c);
+  } else {
+    store_chunk(base + k * VEC, a);
   }
 }
 
@@ -270,15 +359,20 @@ __device__ __forceinline__ void rotate_pairs(float (&y)[2 * VEC], int first, con
 /// \tparam STREAM_STORES (five-block instances only) store with st.global.cs, evict-first
 ///                   lines in the L2: the twin for heads that the host does not prefetch
 ///                   (prefetch_next in cuqk/_jit.py says where each measured faster)
+/// \tparam CHUNKS    (unaligned 16-bit NeoX instances only) the chunked layout above; the host
+///                   takes it where rotary_dim is head_dim and every output head has its
+///                   input's offset within 16 bytes
 ///
 /// The host launches at most as many blocks as are resident at once, and each group strides
 /// over the heads: no block slot waits for the slowest warp of a finished block before the
 /// next block starts.
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool IS_MROPE, bool ALIGNED,
-          bool PACKED, bool STREAM_STORES>
+          bool PACKED, bool STREAM_STORES, bool CHUNKS>
 __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
-  static_assert(!STREAM_STORES || five_blocks_per_sm<T_IN, VEC, IS_MROPE, PACKED>(),
+  static_assert(!STREAM_STORES || five_blocks_per_sm<T_IN, VEC, IS_MROPE, PACKED, ALIGNED>(),
                 "only five-block instances have a streaming twin");
+  static_assert(!CHUNKS || (!ALIGNED && IS_NEOX && !IS_MROPE && sizeof(T_IN) == 2 && VEC == 8),
+                "chunks are for unaligned 16-bit NeoX heads");
   constexpr int UNIT = 2 * VEC;
   // Narrow packed instances (a warp per head, head_dim = 64 * VEC: the host checks) serve small
   // calls, whose time is one head's chain: the head's geometry is known at compile time, and
@@ -324,7 +418,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   // loads then overlap the prior grid's tail (H200, bf16, T=8192: Qwen3-8B 46.2 against
   // 47.2 us). The narrow instances and the streaming twin measured slower with it (GPT-J D=64
   // 25.4 against 25.1 us at T=8192, Qwen3-8B bf16 2.0 against 1.9 us at T=16).
-  if constexpr (five_blocks_per_sm<T_IN, VEC, IS_MROPE, PACKED>() && !STREAM_STORES) {
+  if constexpr (five_blocks_per_sm<T_IN, VEC, IS_MROPE, PACKED, ALIGNED>() && !STREAM_STORES) {
     const unsigned first = blockIdx.x * heads_per_block + (threadIdx.x >> lanes_log2);
     if (first < total) {
       const unsigned token = head_token(first, p);
@@ -407,6 +501,13 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
               (outer * out.outer + inner * out.inner + h * out.head);
       }
 
+      // CHUNKS: the elements before the head in its first aligned chunk (the host checks that
+      // dst has the same offset).
+      const int chunk_shift =
+          CHUNKS ? static_cast<int>(reinterpret_cast<unsigned long long>(src) & 15u) /
+                       static_cast<int>(sizeof(T_IN))
+                 : 0;
+
       long long pos = token;
       if (!IS_MROPE && active && p.positions) {
         const long long off = outer * p.pos_stride_outer + inner * p.pos_stride_inner;
@@ -429,14 +530,18 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           copy_elements<T_IN, VEC, ALIGNED>(src + off_b, dst + off_b);
           continue;
         }
-        unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
-        float va[VEC], vb[VEC];
-        load_as_float<T_IN, VEC, ALIGNED>(src + off_a, va);
-        load_as_float<T_IN, VEC, ALIGNED>(src + off_b, vb);
+        if constexpr (CHUNKS) {
+          load_chunk_unit<T_IN, VEC>(src - chunk_shift, k, rotary_dim / 2, chunk_shift, x[u]);
+        } else {
+          unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
+          float va[VEC], vb[VEC];
+          load_as_float<T_IN, VEC, ALIGNED>(src + off_a, va);
+          load_as_float<T_IN, VEC, ALIGNED>(src + off_b, vb);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          x[u][i] = va[i];
-          x[u][VEC + i] = vb[i];
+          for (int i = 0; i < VEC; ++i) {
+            x[u][i] = va[i];
+            x[u][VEC + i] = vb[i];
+          }
         }
       }
 
@@ -446,7 +551,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
       }
       // Side inputs go in parts of SIDE elements, each loaded just before its use: whole
       // vectors, or half vectors in the five-block instances (see five_blocks_per_sm).
-      constexpr bool FIVE_BLOCKS = five_blocks_per_sm<T_IN, VEC, IS_MROPE, PACKED>();
+      constexpr bool FIVE_BLOCKS = five_blocks_per_sm<T_IN, VEC, IS_MROPE, PACKED, ALIGNED>();
       constexpr int SIDE = FIVE_BLOCKS ? VEC / 2 : VEC;
       const auto cos_sin = [&](int freq, float(&c)[SIDE], float(&s)[SIDE]) {
         if constexpr (IS_MROPE) {
@@ -457,7 +562,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           // bytes of spills when reread from the parameters); the others reread it (the
           // register copy took the scalar ones from 60 to 124 registers).
           const int half = (FIVE_BLOCKS ? rotary_dim : static_cast<int>(p.rotary_dim)) / 2;
-          load_cos_sin<SIDE, PACKED>(p, pos, freq, half, c, s);
+          load_cos_sin<SIDE, PACKED, CHUNKS>(p, pos, freq, half, c, s, chunk_shift);
         }
       };
       const auto rotate_loading_cos_sin = [&](float(&v)[UNIT], int k) {
@@ -471,9 +576,28 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
 
       const long long weight = is_q ? p.q_weight : p.k_weight;
       const bool has_weight = weight != 0 && norm_mode != NORM_NONE;
-      // The weights of head elements [at_a, at_a + SIDE) and [at_b, at_b + SIDE).
+      // The weights of head elements [at_a, at_a + SIDE) and [at_b, at_b + SIDE); with CHUNKS,
+      // of the slots' elements (chunk_freq of at_a + i and rotary_dim / 2 past it).
       const auto load_weights = [&](int at_a, int at_b, float(&wa)[SIDE], float(&wb)[SIDE]) {
-        if constexpr (PACKED) {
+        if constexpr (CHUNKS) {
+          const int half = rotary_dim / 2;
+#pragma unroll
+          for (int i = 0; i < SIDE; ++i) {
+            const int f = chunk_freq(at_a + i, chunk_shift, half);
+            float wai[1], wbi[1];
+            if constexpr (PACKED) {
+              const T_IN* w = reinterpret_cast<const T_IN*>(weight);
+              load_as_float<T_IN, 1>(w + f, wai);
+              load_as_float<T_IN, 1>(w + f + half, wbi);
+            } else {
+              const void* w = reinterpret_cast<const void*>(weight);
+              load_as_float_dyn<1>(w, f, static_cast<int>(p.weight_dtype), wai);
+              load_as_float_dyn<1>(w, f + half, static_cast<int>(p.weight_dtype), wbi);
+            }
+            wa[i] = wai[0];
+            wb[i] = wbi[0];
+          }
+        } else if constexpr (PACKED) {
           const T_IN* w = reinterpret_cast<const T_IN*>(weight);
           load_as_float<T_IN, SIDE>(w + at_a, wa);
           load_as_float<T_IN, SIDE>(w + at_b, wb);
@@ -552,14 +676,18 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
             rotate_loading_cos_sin(y, k);
           }
         }
-        float ya[VEC], yb[VEC];
+        if constexpr (CHUNKS) {
+          store_chunk_unit<T_IN, VEC>(dst - chunk_shift, k, rotary_dim / 2, chunk_shift, y);
+        } else {
+          float ya[VEC], yb[VEC];
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          ya[i] = y[i];
-          yb[i] = y[VEC + i];
+          for (int i = 0; i < VEC; ++i) {
+            ya[i] = y[i];
+            yb[i] = y[VEC + i];
+          }
+          store_from_float<T_IN, VEC, ALIGNED, STREAM_STORES>(dst + off_a, ya);
+          store_from_float<T_IN, VEC, ALIGNED, STREAM_STORES>(dst + off_b, yb);
         }
-        store_from_float<T_IN, VEC, ALIGNED, STREAM_STORES>(dst + off_a, ya);
-        store_from_float<T_IN, VEC, ALIGNED, STREAM_STORES>(dst + off_b, yb);
       }
     }
 
@@ -574,14 +702,22 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   }
 }
 
-/// \brief 1-D RoPE. Other than the five-block instances (five_blocks_per_sm), the default
-/// register allocation: a minimum of 1 block per SM changed their allocation.
+/// \brief Blocks per SM the 1-D kernel is bounded to: 5 for the five-block instances and the
+/// packed CHUNKS ones (48 registers and no spills, where unbounded they take 54 and 4 blocks
+/// fit), else 0, the default allocation: a minimum of 1 block per SM changed the others'.
+template <typename T_IN, int VEC, bool ALIGNED, bool PACKED, bool CHUNKS>
+__host__ __device__ constexpr int rope_min_blocks() {
+  return five_blocks_per_sm<T_IN, VEC, false, PACKED, ALIGNED>() || (CHUNKS && PACKED) ? 5 : 0;
+}
+
+/// \brief 1-D RoPE, bounded as rope_min_blocks says.
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED, bool PACKED,
-          bool STREAM_STORES>
+          bool STREAM_STORES, bool CHUNKS>
 __global__ void __launch_bounds__(BLOCK_THREADS,
-                                  (five_blocks_per_sm<T_IN, VEC, false, PACKED>() ? 5 : 0))
+                                  rope_min_blocks<T_IN, VEC, ALIGNED, PACKED, CHUNKS>())
     qk_norm_rope_kernel(const QkNormRopeParams p) {
-  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, false, ALIGNED, PACKED, STREAM_STORES>(p);
+  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, false, ALIGNED, PACKED, STREAM_STORES,
+                  CHUNKS>(p);
 }
 
 /// \brief Multimodal RoPE: the 1-D work on rows gathered into shared memory per block. Left
@@ -591,5 +727,5 @@ __global__ void __launch_bounds__(BLOCK_THREADS,
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED, bool PACKED>
 __global__ void __launch_bounds__(BLOCK_THREADS, 4)
     qk_norm_mrope_kernel(const QkNormRopeParams p) {
-  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true, ALIGNED, PACKED, false>(p);
+  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true, ALIGNED, PACKED, false, false>(p);
 }

@@ -137,14 +137,21 @@ def _largest_head_dim(variant) -> int:
 
 def variant_cases():
     """Each variant through each op: aligned wide variants get aligned data, realigning ones a
-    view one element in, scalar ones that and weights one element in."""
+    view one element in, scalar ones that and weights one element in. Realigning instances of
+    heads that could move in chunks are reached under partial rotary; the split op writes in
+    place for the chunked ones (its new outputs would sit at another offset)."""
     for v in _jit.VARIANTS:
+        head_dim = _largest_head_dim(v)
+        narrow_access = (not v.aligned and not v.chunks and v.vec > 1
+                         and _jit.chunks_fit(v.dtype, v.is_neox, v.vec, v.is_mrope, head_dim,
+                                             head_dim))
         for op in ("packed", "split", "gate"):
             yield Case(f"{v.name} {op}", op=op, dtype=v.dtype, lead=(3,), is_neox=v.is_neox,
-                       head_dim=_largest_head_dim(v),
+                       head_dim=head_dim, rotary_dim=head_dim // 2 if narrow_access else None,
                        offset=0 if v.aligned and v.vec > 1 else 1,
                        side_offset=1 if v.vec == 1 else 0,
-                       mrope="sectioned" if v.is_mrope else "")
+                       mrope="sectioned" if v.is_mrope else "",
+                       out="in place" if v.chunks else "")
 
 
 def edge_cases():
@@ -160,6 +167,11 @@ def edge_cases():
              rotary_dim=34, is_neox=False),
         Case("misaligned view with padded rows", lead=(7,), hq=4, hk=2, hv=2, offset=1,
              row_pad=8),
+        Case("chunks: rows one element longer (every offset), head_dim 32", lead=(9,),
+             head_dim=32, offset=1, row_pad=1),
+        Case("chunks: every offset, head_dim 256, float32 weights, out-of-range positions",
+             dtype="float16", lead=(9,), head_dim=256, offset=3, row_pad=1, weights="float32",
+             positions="out of range"),
         Case("aligned padded rows, 2-D leading dims, int32 positions", dtype="float16",
              lead=(2, 3), row_pad=8, pos_dtype="int32"),
         Case("3-D leading dims, split", op="split", lead=(2, 2, 3)),

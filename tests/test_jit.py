@@ -22,8 +22,8 @@ def test_variant_names_and_expressions_are_unique():
     assert len({v.expression for v in _jit.VARIANTS}) == len(_jit.VARIANTS)
     for v in _jit.VARIANTS:
         kernel = "qk_norm_mrope_kernel" if v.is_mrope else "qk_norm_rope_kernel"
-        # The 1-D kernel's last flag is STREAM_STORES.
-        last = "" if v.is_mrope else ", (true|false)"
+        # The 1-D kernel's last flags are STREAM_STORES and CHUNKS.
+        last = "" if v.is_mrope else ", (true|false), (true|false)"
         flags = rf"<\w+, (true|false), \d+, \d+, (true|false), (true|false){last}>"
         assert re.fullmatch(kernel + flags, v.expression)
 
@@ -34,20 +34,27 @@ def test_variant_names_and_expressions_are_unique():
 @pytest.mark.parametrize("is_mrope", [False, True])
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("packed", [False, True])
-def test_every_head_dim_dispatches(dtype, is_neox, wide, is_mrope, aligned, packed):
+@pytest.mark.parametrize("rotary", ["full", "half"])
+def test_every_head_dim_dispatches(dtype, is_neox, wide, is_mrope, aligned, packed, rotary):
     vec = _jit.wide_vec(dtype) if wide else 1
     for head_dim in HEAD_DIMS:
         lanes, units = _jit.lanes_and_units(head_dim, vec)
         assert lanes & (lanes - 1) == 0 and lanes <= 32
         assert lanes * units * 2 * vec >= head_dim
+        rotary_dim = head_dim if rotary == "full" else head_dim // 2
+        chunks = not aligned and _jit.chunks_fit(dtype, is_neox, vec, is_mrope, rotary_dim,
+                                                 head_dim)
         variant = _jit.select_variant(dtype, is_neox, vec, units, is_mrope, aligned, packed,
-                                      head_dim=head_dim)
+                                      head_dim=head_dim, chunks=chunks)
         assert variant in _jit.VARIANTS and variant.max_units >= units
         assert variant.is_mrope == is_mrope
         # The scalar instances take any alignment; the wide ones come in both.
         assert variant.aligned == (aligned or vec == 1)
-        # Packed addressing: wide aligned instances only; the others fall back.
-        assert variant.packed == (packed and wide and aligned)
+        # Unaligned 16-bit NeoX heads under full rotary move in chunks.
+        assert variant.chunks == (not aligned and wide and dtype != "float32" and is_neox
+                                  and not is_mrope and rotary == "full")
+        # Packed addressing: wide aligned and chunked instances only; the others fall back.
+        assert variant.packed == (packed and wide and (aligned or variant.chunks))
         # The prefetching twin of a five-block instance: heads of 128 elements or more.
         assert variant.prefetch_next == (variant.five_blocks_per_sm and head_dim >= 128)
 
@@ -60,7 +67,7 @@ def test_selftest_head_dims_reach_every_variant():
         head_dim = _selftest_head_dim(v)
         units = _jit.lanes_and_units(head_dim, v.vec)[1]
         assert _jit.select_variant(v.dtype, v.is_neox, v.vec, units, v.is_mrope, v.aligned,
-                                   v.packed, head_dim=head_dim) == v, v.name
+                                   v.packed, head_dim=head_dim, chunks=v.chunks) == v, v.name
 
 
 def test_narrow_variants_are_the_packed_ones_below_the_wide_vec():

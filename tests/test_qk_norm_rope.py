@@ -784,6 +784,83 @@ def test_gpu_views_off_the_vector_grid_every_shift(dtype, shift, is_neox):
 
 
 @requires_gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("flags", [{}, {"norm": "gemma"}, {"norm": "none", "weight": None},
+                                   {"weight": "float32"}, {"cache_dtype": "bfloat16"},
+                                   {"rope_first": True}, {"positions": "none"},
+                                   {"bad_positions": True}, {"T": 1}], ids=str)
+def test_gpu_unaligned_heads_in_chunks_match_reference(dtype, D, flags):
+    """Unaligned full-rotary NeoX heads of 16-bit data move as aligned chunks (packed, or the
+    general instance where the side inputs' dtypes rule packing out), in every flag's path;
+    rows one element longer than the data give every offset within 16 bytes."""
+    qnr = sys.modules["cuqk.qk_norm_rope"]
+    case = {"dtype": dtype, "D": D, "Hq": 5, "Hk": 2, "Hv": 1, "T": 37, **flags}
+    shift = zlib.crc32(str(sorted(case.items())).encode()) % 7 + 1
+    qkv = run_packed(**case, layout=f"shifted{shift}", seed=shift)
+    weight = {"act": TORCH_DTYPES[dtype], "float32": torch.float32}.get(case.get("weight", "act"))
+    w = None if weight is None else torch.ones(D, device="cuda", dtype=weight)
+    cache = torch.zeros(16, D, device="cuda", dtype=TORCH_DTYPES[case.get("cache_dtype",
+                                                                         "float32")])
+    pos = torch.zeros(qkv.shape[:-1], dtype=torch.int64, device="cuda")
+    variant = qnr._plan_packed(qkv, pos, w, w, cache, 5, 2, D, 1, 1e-6, True, None,
+                               case.get("norm", "rms"), False, None, False).variant
+    packed = flags.get("weight") != "float32" and "cache_dtype" not in flags
+    assert variant.chunks and variant.packed == packed
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gpu_unaligned_split_heads_move_in_chunks_where_outputs_share_the_offset(dtype):
+    """Out of place, unaligned q and k move in chunks when each output head sits at its input's
+    offset within 16 bytes, and with narrow accesses otherwise (another offset, new arrays);
+    partial rotary and GPT-J never take chunks. All match the reference and write nothing
+    outside the outputs."""
+    qnr = sys.modules["cuqk.qk_norm_rope"]
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    T, Hq, Hk, D = 29, 4, 2, 128
+    tdt = TORCH_DTYPES[dtype]
+    row = (Hq + Hk) * D
+
+    def buffer(start, fill=float("nan")):
+        return torch.full((T * (row + 1) + start,), fill, device="cuda", dtype=tdt)
+
+    def views(buf, start):
+        """q and k in rows one element longer than the data, from element `start` of buf."""
+        rows = buf[start:].view(T, row + 1)[:, :row]
+        return rows[:, :Hq * D].unflatten(1, (Hq, D)), rows[:, Hq * D:].unflatten(1, (Hk, D))
+
+    data = buffer(3)
+    data.copy_(torch.randn(data.shape, generator=gen, device="cuda"))
+    q, k = views(data, 3)
+    pos = torch.randint(0, 300, (T,), generator=gen, device="cuda")
+    w = (1 + 0.3 * torch.randn(D, generator=gen, device="cuda")).to(tdt)
+    as_cp = (lambda t: cupy.from_dlpack(t.double().contiguous()))
+    for is_neox, rotary in ((True, D), (True, D // 2), (False, D)):
+        cache = torch.from_numpy(cos_sin_cache64(300, rotary)).cuda().float()
+        refs = reference.qk_norm_rope(as_cp(q), as_cp(k), cupy.from_dlpack(pos), as_cp(w),
+                                      as_cp(w), as_cp(cache), is_neox=is_neox,
+                                      rotary_dim=rotary, xp=cupy)
+        for start, want_chunks in ((3, True), (11, True), (4, False), (None, False)):
+            out_buf = None if start is None else buffer(start)
+            out = None if start is None else views(out_buf, start)
+            plan = qnr._plan_split(q, k, pos, w, w, cache, 1e-6, is_neox, rotary, "rms", False,
+                                   None, False, out)
+            assert not plan.variant.aligned
+            assert plan.variant.chunks == (want_chunks and is_neox and rotary == D)
+            got = cuqk.qk_norm_rope(q, k, pos, w, w, cache, is_neox=is_neox, rotary_dim=rotary,
+                                    out=out)
+            torch.cuda.synchronize()
+            for o, ref in zip(got, refs):
+                assert _rel_l2_gpu(o, torch.from_dlpack(ref)) <= TOLERANCES[dtype]
+            if out_buf is not None:
+                outside = torch.ones_like(out_buf, dtype=torch.bool)
+                for view in views(outside, start):
+                    view[...] = False
+                assert torch.isnan(out_buf[outside]).all()
+
+
+@requires_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_dispatch_realigns_views_and_keeps_scalar_for_misaligned_weights(dtype):
     qnr = sys.modules["cuqk.qk_norm_rope"]
@@ -807,14 +884,16 @@ def test_gpu_dispatch_realigns_views_and_keeps_scalar_for_misaligned_weights(dty
 
 
 def _packed_plan(tokens, head_dim=128, dtype="bfloat16", cache_dtype="float32", mrope=False,
-                 hq=32, hk=8):
-    """The plan of an in-place call on an aligned packed [tokens, width] qkv (planned from
-    array descriptions on device 0: no GPU needed)."""
+                 hq=32, hk=8, shift=0):
+    """The plan of an in-place call on a packed [tokens, width] qkv ``shift`` elements past a
+    16-byte boundary (planned from array descriptions on device 0: no GPU needed)."""
     qnr = sys.modules["cuqk.qk_norm_rope"]
     info = cuqk._interop.ArrayInfo
     width = (hq + 2 * hk) * head_dim
-    k_offset = hq * head_dim * cuqk._jit.DTYPES[dtype][1]
-    heads = [(1 << 20, (width,), head_dim), ((1 << 20) + k_offset, (width,), head_dim)] * 2
+    itemsize = cuqk._jit.DTYPES[dtype][1]
+    k_offset = hq * head_dim * itemsize
+    start = (1 << 20) + shift * itemsize
+    heads = [(start, (width,), head_dim), (start + k_offset, (width,), head_dim)] * 2
     positions = (info("torch", (3, tokens), (tokens, 1), "int64", 0, 1 << 30) if mrope else
                  info("torch", (tokens,), (1,), "int64", 0, 1 << 30))
     weight = info("torch", (head_dim,), (1,), dtype, 0, 1 << 31)
@@ -850,6 +929,19 @@ def test_cpu_small_packed_calls_take_a_warp_per_head(dtype):
     assert _packed_plan_variant(1, dtype=dtype, mrope=True).vec == wide
     general = _packed_plan_variant(1, dtype=dtype, cache_dtype="float16")
     assert not general.packed and general.vec == wide
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_unaligned_calls_move_in_chunks_up_to_chunks_max_heads(dtype):
+    """Unaligned in-place NeoX calls of 16-bit heads take the packed chunks instance up to
+    CHUNKS_MAX_HEADS heads, where it measured faster, and the narrow-access one past it."""
+    limit = cuqk._jit.CHUNKS_MAX_HEADS // 40
+    for head_dim in (64, 128, 256):
+        up_to = _packed_plan_variant(limit, head_dim, dtype, shift=3)
+        past = _packed_plan_variant(limit + 1, head_dim, dtype, shift=3)
+        assert not up_to.aligned and not past.aligned and not past.chunks and not past.packed
+        assert up_to.chunks == up_to.packed == (dtype != "float32")
+        assert _packed_plan_variant(limit, head_dim, dtype).aligned
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
