@@ -112,8 +112,9 @@ class Variant:
 
     @property
     def five_blocks_per_sm(self) -> bool:
-        """A wide packed 1-D instance of 16-bit data: the kernel's five_blocks_per_sm, bounded
-        to 5 blocks of 256 threads per SM (48 registers)."""
+        """A wide aligned packed 1-D instance of 16-bit data: the kernel's five_blocks_per_sm,
+        bounded to 5 blocks of 256 threads per SM (48 registers). The packed ``chunks``
+        instances share the bound but not the rest (rope_min_blocks in the kernel)."""
         return (self.packed and self.aligned and not self.is_mrope and not self.narrow
                 and DTYPES[self.dtype][1] == 2)
 
