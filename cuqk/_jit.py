@@ -234,6 +234,16 @@ def chunks_fit(dtype: str, is_neox: bool, vec: int, is_mrope: bool, rotary_dim: 
             and rotary_dim == head_dim)
 
 
+def rotary_dim_reaching(variant: Variant, head_dim: int) -> int:
+    """A rotary_dim with which unaligned calls of ``head_dim`` can reach ``variant``: the
+    narrow-access realigning instances of kinds that ``chunks_fit`` are only taken under
+    partial rotary (for the selftest and the sanitizer's cases)."""
+    narrow_access = (not variant.aligned and not variant.chunks and variant.vec > 1
+                     and chunks_fit(variant.dtype, variant.is_neox, variant.vec,
+                                    variant.is_mrope, head_dim, head_dim))
+    return head_dim // 2 if narrow_access else head_dim
+
+
 def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int,
                    is_mrope: bool = False, aligned: bool = True, packed: bool = False, *,
                    head_dim: int, chunks: bool = False) -> Variant:

@@ -139,12 +139,7 @@ def _selftest_gpu_variant(variant, rng):
     # off a 16-byte boundary then selects the scalar one.
     offset = 0 if variant.aligned and variant.vec > 1 else 1
     cache_offset = 1 if variant.vec == 1 else 0
-    # Unaligned heads that could move in chunks take the narrow-access instance only under
-    # partial rotary.
-    narrow_access = (not variant.aligned and not variant.chunks and variant.vec > 1
-                     and _jit.chunks_fit(variant.dtype, variant.is_neox, variant.vec,
-                                         variant.is_mrope, head_dim, head_dim))
-    rotary = head_dim // 2 if narrow_access else head_dim
+    rotary = _jit.rotary_dim_reaching(variant, head_dim)
     hq, hk, hv, max_pos = 4, 2, 1, 256
     # The general instance of a kind that has a packed one is reached through leading dims
     # that do not fold into one stride: rows [2, 20] of which [2, 19] are used. A wide packed

@@ -150,12 +150,46 @@ __device__ __forceinline__ int chunk_freq(int k_vec_i, int shift, int half) {
   return f < 0 ? f + half : f;
 }
 
+/// \brief The side inputs of CHUNKS slots [first, first + N): a[i] is element f of the run at
+/// element `at` of `base` and b[i] element f + half, for f = chunk_freq(first + i, shift, half)
+/// (cos and sin of a cache row, or the two weights of a pair). One load per element.
+template <typename T, int N>
+__device__ __forceinline__ void gather_chunk_slots(const T* base, long long at, int first,
+                                                   int shift, int half, float (&a)[N],
+                                                   float (&b)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const long long f = at + chunk_freq(first + i, shift, half);
+    float ai[1], bi[1];
+    load_as_float<T, 1>(base + f, ai);
+    load_as_float<T, 1>(base + f + half, bi);
+    a[i] = ai[0];
+    b[i] = bi[0];
+  }
+}
+
+/// \brief gather_chunk_slots of a run whose dtype is a DtypeCode read at run time.
+template <int N>
+__device__ __forceinline__ void gather_chunk_slots(const void* base, long long at, int first,
+                                                   int shift, int half, int dtype, float (&a)[N],
+                                                   float (&b)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const long long f = at + chunk_freq(first + i, shift, half);
+    float ai[1], bi[1];
+    load_as_float_dyn<1>(base, f, dtype, ai);
+    load_as_float_dyn<1>(base, f + half, dtype, bi);
+    a[i] = ai[0];
+    b[i] = bi[0];
+  }
+}
+
 /// \brief cos and sin of frequencies [freq, freq + VEC) for a token at position pos.
 /// Positions outside [0, max_position) read row 0 and yield NaN: loud, never out of bounds.
 /// half is rotary_dim / 2, the distance from a cos to its sin.
 /// \tparam CACHE_F32 the cache is float32 (else its dtype is read at run time)
 /// \tparam CHUNKS    frequency freq + i is slot i of the CHUNKS layout, whose frequency is
-///                   chunk_freq(freq + i, chunk_shift, half): one load per element
+///                   chunk_freq(freq + i, chunk_shift, half) (gather_chunk_slots)
 template <int VEC, bool CACHE_F32, bool CHUNKS = false>
 __device__ __forceinline__ void load_cos_sin(const QkNormRopeParams& p, long long pos, int freq,
                                              int half, float (&c)[VEC], float (&s)[VEC],
@@ -163,24 +197,12 @@ __device__ __forceinline__ void load_cos_sin(const QkNormRopeParams& p, long lon
   const float nan = __int_as_float(0x7fc00000);
   const bool ok = pos >= 0 && pos < p.max_position;
   const long long at = (ok ? pos : 0) * p.cache_row_stride + freq;
-  if constexpr (CHUNKS) {
-    const long long row = at - freq;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const int f = chunk_freq(freq + i, chunk_shift, half);
-      float ci[1], si[1];
-      if constexpr (CACHE_F32) {
-        const float* cache = reinterpret_cast<const float*>(p.cache) + row + f;
-        load_as_float<float, 1>(cache, ci);
-        load_as_float<float, 1>(cache + half, si);
-      } else {
-        const void* cache = reinterpret_cast<const void*>(p.cache);
-        load_as_float_dyn<1>(cache, row + f, static_cast<int>(p.cache_dtype), ci);
-        load_as_float_dyn<1>(cache, row + f + half, static_cast<int>(p.cache_dtype), si);
-      }
-      c[i] = ci[0];
-      s[i] = si[0];
-    }
+  if constexpr (CHUNKS && CACHE_F32) {
+    gather_chunk_slots(reinterpret_cast<const float*>(p.cache), at - freq, freq, chunk_shift,
+                       half, c, s);
+  } else if constexpr (CHUNKS) {
+    gather_chunk_slots(reinterpret_cast<const void*>(p.cache), at - freq, freq, chunk_shift, half,
+                       static_cast<int>(p.cache_dtype), c, s);
   } else if constexpr (CACHE_F32) {
     const float* cache = reinterpret_cast<const float*>(p.cache) + at;
     load_as_float<float, VEC>(cache, c);
@@ -577,26 +599,14 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
       const long long weight = is_q ? p.q_weight : p.k_weight;
       const bool has_weight = weight != 0 && norm_mode != NORM_NONE;
       // The weights of head elements [at_a, at_a + SIDE) and [at_b, at_b + SIDE); with CHUNKS,
-      // of the slots' elements (chunk_freq of at_a + i and rotary_dim / 2 past it).
+      // of the slots' elements (gather_chunk_slots; at_b is at_a + rotary_dim / 2).
       const auto load_weights = [&](int at_a, int at_b, float(&wa)[SIDE], float(&wb)[SIDE]) {
-        if constexpr (CHUNKS) {
-          const int half = rotary_dim / 2;
-#pragma unroll
-          for (int i = 0; i < SIDE; ++i) {
-            const int f = chunk_freq(at_a + i, chunk_shift, half);
-            float wai[1], wbi[1];
-            if constexpr (PACKED) {
-              const T_IN* w = reinterpret_cast<const T_IN*>(weight);
-              load_as_float<T_IN, 1>(w + f, wai);
-              load_as_float<T_IN, 1>(w + f + half, wbi);
-            } else {
-              const void* w = reinterpret_cast<const void*>(weight);
-              load_as_float_dyn<1>(w, f, static_cast<int>(p.weight_dtype), wai);
-              load_as_float_dyn<1>(w, f + half, static_cast<int>(p.weight_dtype), wbi);
-            }
-            wa[i] = wai[0];
-            wb[i] = wbi[0];
-          }
+        if constexpr (CHUNKS && PACKED) {
+          gather_chunk_slots(reinterpret_cast<const T_IN*>(weight), 0, at_a, chunk_shift,
+                             rotary_dim / 2, wa, wb);
+        } else if constexpr (CHUNKS) {
+          gather_chunk_slots(reinterpret_cast<const void*>(weight), 0, at_a, chunk_shift,
+                             rotary_dim / 2, static_cast<int>(p.weight_dtype), wa, wb);
         } else if constexpr (PACKED) {
           const T_IN* w = reinterpret_cast<const T_IN*>(weight);
           load_as_float<T_IN, SIDE>(w + at_a, wa);

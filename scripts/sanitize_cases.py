@@ -142,12 +142,9 @@ def variant_cases():
     place for the chunked ones (its new outputs would sit at another offset)."""
     for v in _jit.VARIANTS:
         head_dim = _largest_head_dim(v)
-        narrow_access = (not v.aligned and not v.chunks and v.vec > 1
-                         and _jit.chunks_fit(v.dtype, v.is_neox, v.vec, v.is_mrope, head_dim,
-                                             head_dim))
         for op in ("packed", "split", "gate"):
             yield Case(f"{v.name} {op}", op=op, dtype=v.dtype, lead=(3,), is_neox=v.is_neox,
-                       head_dim=head_dim, rotary_dim=head_dim // 2 if narrow_access else None,
+                       head_dim=head_dim, rotary_dim=_jit.rotary_dim_reaching(v, head_dim),
                        offset=0 if v.aligned and v.vec > 1 else 1,
                        side_offset=1 if v.vec == 1 else 0,
                        mrope="sectioned" if v.is_mrope else "",

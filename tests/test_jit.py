@@ -70,6 +70,18 @@ def test_selftest_head_dims_reach_every_variant():
                                    v.packed, head_dim=head_dim, chunks=v.chunks) == v, v.name
 
 
+def test_rotary_dim_reaching_sends_unaligned_calls_to_their_variant():
+    # The selftest and the sanitizer's cases reach each realigning instance with it.
+    for v in _jit.VARIANTS:
+        if v.aligned:
+            continue
+        for head_dim in (64, 128, 256):
+            rotary = _jit.rotary_dim_reaching(v, head_dim)
+            fits = _jit.chunks_fit(v.dtype, v.is_neox, v.vec, v.is_mrope, rotary, head_dim)
+            assert fits == v.chunks, v.name
+            assert rotary == head_dim or not v.chunks
+
+
 def test_narrow_variants_are_the_packed_ones_below_the_wide_vec():
     narrow = {(v.dtype, v.vec) for v in _jit.VARIANTS if v.narrow}
     assert narrow == {(d, vec) for d, vecs in _jit.NARROW_VECS.items() for vec in vecs}
