@@ -153,11 +153,9 @@ _SCALAR_UNITS = 8
 NARROW_VECS = {"float32": (2,), "float16": (2, 4), "bfloat16": (2, 4)}
 # Up to this many heads in a call (tokens x (Hq + Hk)) packed calls take the narrow instance.
 NARROW_MAX_HEADS = 2048
-# Up to this many heads unaligned calls that chunks_fit take the chunks instances. Measured on
-# an H200 (qwen3-8b-unaligned, 40 heads a token, bf16 and fp16, us, against the narrow-access
-# instance): T=16 3.24 against 3.50, T=1024 12.1-12.4 against 16.2-16.9, T=8192 (327,680
-# heads) 82.7-83.6 against 82.8-84.4, but T=32768 327-330 against 310-312.
-CHUNKS_MAX_HEADS = 8192 * 40
+# The chunks instances' weight table holds heads up to this size (CHUNK_TABLE_UNITS in the
+# kernel source, 16 units of 16 elements).
+CHUNKS_MAX_HEAD_DIM = 256
 
 
 def _build_variants() -> tuple[Variant, ...]:
@@ -231,7 +229,7 @@ def chunks_fit(dtype: str, is_neox: bool, vec: int, is_mrope: bool, rotary_dim: 
     """Whether a call of unaligned heads can take a ``chunks`` instance, given that its
     outputs sit at their inputs' offsets within 16 bytes (the caller checks that)."""
     return (DTYPES[dtype][1] == 2 and is_neox and vec == wide_vec(dtype) and not is_mrope
-            and rotary_dim == head_dim)
+            and rotary_dim == head_dim <= CHUNKS_MAX_HEAD_DIM)
 
 
 def rotary_dim_reaching(variant: Variant, head_dim: int) -> int:
@@ -425,8 +423,11 @@ STATIC_FIELDS = (
     "pos_stride_inner", "pos_stride_section", "cache_dtype", "weight_dtype", "tokens_inner",
     "mrope_section0", "mrope_section1", "mrope_section2", "mrope_interleaved", "mrope_rounds",
 )
-DOUBLE_FIELDS = ("eps", "inv_head_dim")  # the struct's doubles; the other fields are long long
-_STATICS = struct.Struct("<" + "".join("d" if n in DOUBLE_FIELDS else "q" for n in STATIC_FIELDS))
+# The struct's floats, side by side in 8 bytes; the other fields are long long. Floats rather
+# than doubles: a double's conversion took four instructions a head where the compiler
+# rematerialised it.
+FLOAT_FIELDS = ("eps", "inv_head_dim")
+_STATICS = struct.Struct("<" + "".join("f" if n in FLOAT_FIELDS else "q" for n in STATIC_FIELDS))
 # One pack per launch: the pointers, then the plan's pre-packed statics as raw bytes.
 _PARAMS = struct.Struct(f"<{len(POINTER_FIELDS)}Q{_STATICS.size}s")
 PARAMS_SIZE = _PARAMS.size
@@ -460,8 +461,9 @@ def fast_division(divisor: int) -> tuple[int, int]:
 def pack_statics(values: dict) -> bytes:
     """The plan-constant tail of the kernel's parameter struct (``inv_head_dim`` is derived)."""
     values = {**values, "inv_head_dim": 1.0 / values["head_dim"]}
-    return _STATICS.pack(*(float(values[name]) if name in DOUBLE_FIELDS else int(values[name])
-                           for name in STATIC_FIELDS))
+    # Rounded to float32 as a C cast does: past its range, infinity (struct would refuse it).
+    return _STATICS.pack(*(ctypes.c_float(values[name]).value if name in FLOAT_FIELDS
+                           else int(values[name]) for name in STATIC_FIELDS))
 
 
 # cuLaunchKernelEx's CUlaunchConfig (grid, block, shared bytes, stream, attributes, their count)

@@ -387,8 +387,8 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
         vec = _jit.narrow_vec(act_dtype, head_dim) or vec
     lanes, units = _jit.lanes_and_units(head_dim, vec)
     # Unaligned heads move as whole aligned chunks where each output head sits at its input's
-    # offset within 16 bytes (in place, always), up to the size where that measured faster.
-    chunks = (not data_ok and not gate and num_tokens * num_heads <= _jit.CHUNKS_MAX_HEADS
+    # offset within 16 bytes (in place, always).
+    chunks = (not data_ok and not gate
               and _outputs_at_input_offsets(heads, lead_strides, itemsize)
               and _jit.chunks_fit(act_dtype, is_neox, vec, mrope_section is not None, rotary_dim,
                                   head_dim))

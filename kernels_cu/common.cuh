@@ -303,6 +303,14 @@ __device__ __forceinline__ void load_as_float_dyn(const void* ptr, long long ele
   }
 }
 
+/// \brief ptr, as a value the compiler cannot see through: it stays one register pair, and
+/// indices added to it are not folded into the arithmetic that produced it.
+template <typename T>
+__device__ __forceinline__ T* opaque_pointer(T* ptr) {
+  asm("mov.b64 %0, %0;" : "+l"(ptr));
+  return ptr;
+}
+
 /// \brief Asks the L2 for the line holding ptr; nothing waits for it and no register holds it.
 __device__ __forceinline__ void prefetch_l2(const void* ptr) {
   asm volatile("prefetch.global.L2 [%0];" : : "l"(ptr));

@@ -48,9 +48,10 @@ struct HeadStrides {
   long long outer, inner, head;
 };
 
-/// \brief Kernel arguments, passed by value as one struct. Every field is 8 bytes, so the
-/// host packs it with a flat format and no padding rules apply; the order is mirrored by
-/// POINTER_FIELDS and STATIC_FIELDS in cuqk/_jit.py (a CPU test compares them). Pointers come
+/// \brief Kernel arguments, passed by value as one struct. Every field is 8 bytes, or one of
+/// two floats that share 8, so the host packs it with a flat format and no padding rules
+/// apply; the order is mirrored by POINTER_FIELDS and STATIC_FIELDS in cuqk/_jit.py (a CPU
+/// test compares them). Pointers come
 /// first so a launch rewrites only the leading bytes of a plan's packed struct; then what every
 /// instance reads before a head's first store, so that a small call's first constant loads
 /// miss in few cache lines; the fields of other layouts and of mRoPE last. A null positions
@@ -61,7 +62,7 @@ struct QkNormRopeParams {
   long long q_in, k_in, q_out, k_out, gate_out, positions, cache, q_weight, k_weight;
   long long num_tokens, num_q_heads, num_k_heads, head_div_magic, head_div_shift;
   long long head_dim, rotary_dim, norm_mode, lanes_log2, rope_first, prefetch_next;
-  double eps, inv_head_dim;
+  float eps, inv_head_dim;
   long long pos_stride_outer, pos_is_int64, cache_row_stride, max_position;
   HeadStrides q_in_strides, k_in_strides, q_out_strides, k_out_strides;
   long long pos_stride_inner, pos_stride_section, cache_dtype, weight_dtype, tokens_inner;
@@ -157,12 +158,15 @@ template <typename T, int N>
 __device__ __forceinline__ void gather_chunk_slots(const T* base, long long at, int first,
                                                    int shift, int half, float (&a)[N],
                                                    float (&b)[N]) {
+  // The run's address once, then 32-bit indices. Through an opaque move: NVVM folds the
+  // row's 64-bit index back into every slot's address, a wide multiply-add each.
+  const T* run = opaque_pointer(base + at);
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    const long long f = at + chunk_freq(first + i, shift, half);
+    const T* at_f = run + chunk_freq(first + i, shift, half);
     float ai[1], bi[1];
-    load_as_float<T, 1>(base + f, ai);
-    load_as_float<T, 1>(base + f + half, bi);
+    load_as_float<T, 1>(at_f, ai);
+    load_as_float<T, 1>(at_f + half, bi);
     a[i] = ai[0];
     b[i] = bi[0];
   }
@@ -184,9 +188,77 @@ __device__ __forceinline__ void gather_chunk_slots(const void* base, long long a
   }
 }
 
-/// \brief cos and sin of frequencies [freq, freq + VEC) for a token at position pos.
-/// Positions outside [0, max_position) read row 0 and yield NaN: loud, never out of bounds.
-/// half is rotary_dim / 2, the distance from a cos to its sin.
+/// \brief Units per head that the CHUNKS weight table holds (chunks_fit in cuqk/_jit.py
+/// allows head_dim up to 16 times this).
+constexpr int CHUNK_TABLE_UNITS = 16;
+
+/// \brief Fills a block's CHUNKS weight table: the weights of every slot under every shift,
+/// so that a unit reads its 16 weights in four 16-byte shared-memory loads instead of
+/// gathering them one by one. Table (tensor t, 0 for q and 1 for k; shift s) is 16 * n_units
+/// floats at (t * VEC + s) * 16 * n_units, in four quarters of n_units * 4 floats: the first
+/// weights (wa) of slots 0-3, of slots 4-7, then the second (wb) alike; unit k's four floats
+/// of a quarter at k * 4, so that the lanes of a head read consecutive words. Under Gemma's
+/// norm an entry holds 1 + w. A null weight's tables stay unwritten and unread.
+template <typename T_IN, int VEC, bool PACKED>
+__device__ __forceinline__ void fill_chunk_weights(const QkNormRopeParams& p, int n_units,
+                                                   int half, float* table) {
+  static_assert(2 * VEC * CHUNK_TABLE_UNITS <= BLOCK_THREADS, "one table entry per thread");
+  const int entry = static_cast<int>(threadIdx.x);
+  if (entry >= 2 * VEC * n_units) return;
+  const int table_index = entry / n_units;
+  const int k = entry - table_index * n_units;
+  const long long weight = table_index < VEC ? p.q_weight : p.k_weight;
+  if (weight == 0) return;
+  float wa[VEC], wb[VEC];
+  if constexpr (PACKED) {
+    gather_chunk_slots(reinterpret_cast<const T_IN*>(weight), 0, k * VEC, table_index % VEC,
+                       half, wa, wb);
+  } else {
+    gather_chunk_slots(reinterpret_cast<const void*>(weight), 0, k * VEC, table_index % VEC,
+                       half, static_cast<int>(p.weight_dtype), wa, wb);
+  }
+  const float shift = p.norm_mode == NORM_GEMMA ? 1.f : 0.f;
+  float* at = table + table_index * 16 * n_units + k * 4;
+#pragma unroll
+  for (int quarter = 0; quarter < 4; ++quarter) {
+    const float(&from)[VEC] = quarter < 2 ? wa : wb;
+    const int first = (quarter % 2) * 4;
+    store_from_float<float, 4>(at + quarter * 4 * n_units,
+                               {from[first] + shift, from[first + 1] + shift,
+                                from[first + 2] + shift, from[first + 3] + shift});
+  }
+}
+
+/// \brief The weights of unit k's slots from a CHUNKS weight table (fill_chunk_weights).
+template <int VEC>
+__device__ __forceinline__ void load_chunk_weights(const float* table, bool is_q, int shift,
+                                                   int k, int n_units, float (&wa)[VEC],
+                                                   float (&wb)[VEC]) {
+  static_assert(VEC == 8, "a unit's slots fill two quarters of a table");
+  const float* at = table + ((is_q ? 0 : VEC) + shift) * 16 * n_units + k * 4;
+  float q[4][4];
+#pragma unroll
+  for (int quarter = 0; quarter < 4; ++quarter) {
+    load_as_float<float, 4>(at + quarter * 4 * n_units, q[quarter]);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    wa[i] = q[0][i];
+    wa[4 + i] = q[1][i];
+    wb[i] = q[2][i];
+    wb[4 + i] = q[3][i];
+  }
+}
+
+/// \brief Whether position pos has a row in the cache. Positions outside [0, max_position)
+/// read row 0 (never out of bounds), and norm_rope_heads makes their rotated pairs NaN: loud.
+__device__ __forceinline__ bool position_in_cache(const QkNormRopeParams& p, long long pos) {
+  return pos >= 0 && pos < p.max_position;
+}
+
+/// \brief cos and sin of frequencies [freq, freq + VEC) for a token at position pos (row 0
+/// where position_in_cache is false). half is rotary_dim / 2, the distance from a cos to its
+/// sin.
 /// \tparam CACHE_F32 the cache is float32 (else its dtype is read at run time)
 /// \tparam CHUNKS    frequency freq + i is slot i of the CHUNKS layout, whose frequency is
 ///                   chunk_freq(freq + i, chunk_shift, half) (gather_chunk_slots)
@@ -194,9 +266,7 @@ template <int VEC, bool CACHE_F32, bool CHUNKS = false>
 __device__ __forceinline__ void load_cos_sin(const QkNormRopeParams& p, long long pos, int freq,
                                              int half, float (&c)[VEC], float (&s)[VEC],
                                              int chunk_shift = 0) {
-  const float nan = __int_as_float(0x7fc00000);
-  const bool ok = pos >= 0 && pos < p.max_position;
-  const long long at = (ok ? pos : 0) * p.cache_row_stride + freq;
+  const long long at = (position_in_cache(p, pos) ? pos : 0) * p.cache_row_stride + freq;
   if constexpr (CHUNKS && CACHE_F32) {
     gather_chunk_slots(reinterpret_cast<const float*>(p.cache), at - freq, freq, chunk_shift,
                        half, c, s);
@@ -212,11 +282,6 @@ __device__ __forceinline__ void load_cos_sin(const QkNormRopeParams& p, long lon
     const int cache_dtype = static_cast<int>(p.cache_dtype);
     load_as_float_dyn<VEC>(cache, at, cache_dtype, c);
     load_as_float_dyn<VEC>(cache, at + half, cache_dtype, s);
-  }
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    c[i] = ok ? c[i] : nan;
-    s[i] = ok ? s[i] : nan;
   }
 }
 
@@ -312,29 +377,48 @@ __device__ __forceinline__ void rotate_pairs(float (&y)[2 * VEC], int first, con
   }
 }
 
+/// \brief Masks of the 16-bit elements at or past `edge` in each word of a chunk: word j is
+/// all ones where 2j >= edge, its upper half where 2j + 1 = edge, else 0. One logic op a word
+/// then merges two chunks at the edge, where a select per element took a compare and a
+/// select each (and a conversion more for the third chunk).
+__device__ __forceinline__ void chunk_edge_masks(int edge, cuqk_u32 (&m)[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    // shl.b32 clamps shifts past 31 to 32, giving 0.
+    const unsigned bits = static_cast<unsigned>(max(16 * edge - 32 * j, 0));
+    asm("shl.b32 %0, %1, %2;" : "=r"(m[j]) : "r"(0xffffffffu), "r"(bits));
+  }
+}
+
 /// \brief Unit k of a CHUNKS head whose chunks start at `base` (16-byte aligned, `shift`
 /// elements before the head): x[i] and x[VEC + i] are the rotation pair of slot i.
 template <typename T_IN, int VEC>
 __device__ __forceinline__ void load_chunk_unit(const T_IN* base, int k, int half, int shift,
                                                 float (&x)[2 * VEC]) {
-  constexpr int WORDS = VEC / 2;
+  static_assert(VEC == 8, "a unit is two chunks");
   const int edge = k == 0 ? shift : 0;
-  cuqk_u32 a[WORDS], b[WORDS], c[WORDS] = {};
+  cuqk_u32 a[4], b[4], c[4] = {}, m[4];
   if (edge) {
     load_chunk_part(base + k * VEC, edge * 2, 16, a);
     load_chunk_part(base + 2 * half, 0, edge * 2, c);
   } else {
-    load_words_by<WORDS, WORDS>(base + k * VEC, a);
+    load_words_by<4, 4>(base + k * VEC, a);
   }
-  load_words_by<WORDS, WORDS>(base + half + k * VEC, b);
-  float fa[VEC], fb[VEC], fc[VEC];
-  words_to_floats<T_IN>(a, fa);
-  words_to_floats<T_IN>(b, fb);
-  words_to_floats<T_IN>(c, fc);
+  load_words_by<4, 4>(base + half + k * VEC, b);
+  chunk_edge_masks(edge, m);
+  cuqk_u32 first[4], second[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    first[j] = (a[j] & m[j]) | (b[j] & ~m[j]);
+    second[j] = (b[j] & m[j]) | (c[j] & ~m[j]);
+  }
+  float fa[VEC], fb[VEC];
+  words_to_floats<T_IN>(first, fa);
+  words_to_floats<T_IN>(second, fb);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    x[i] = i >= edge ? fa[i] : fb[i];
-    x[VEC + i] = i >= edge ? fb[i] : fc[i];
+    x[i] = fa[i];
+    x[VEC + i] = fb[i];
   }
 }
 
@@ -342,19 +426,23 @@ __device__ __forceinline__ void load_chunk_unit(const T_IN* base, int k, int hal
 template <typename T_IN, int VEC>
 __device__ __forceinline__ void store_chunk_unit(T_IN* base, int k, int half, int shift,
                                                  const float (&y)[2 * VEC]) {
-  constexpr int WORDS = VEC / 2;
+  static_assert(VEC == 8, "a unit is two chunks");
   const int edge = k == 0 ? shift : 0;
-  float fa[VEC], fb[VEC], fc[VEC];
+  float fa[VEC], fb[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
     fa[i] = y[i];
-    fb[i] = i >= edge ? y[VEC + i] : y[i];
-    fc[i] = y[VEC + i];
+    fb[i] = y[VEC + i];
   }
-  cuqk_u32 a[WORDS], b[WORDS], c[WORDS];
+  // a holds the first elements of the pairs and c the second: the first chunk takes a's
+  // elements past the edge and the tail chunk c's before it, which the middle chunk b has
+  // the other way round.
+  cuqk_u32 a[4], b[4], c[4], m[4];
   floats_to_words<T_IN>(fa, a);
-  floats_to_words<T_IN>(fb, b);
-  floats_to_words<T_IN>(fc, c);
+  floats_to_words<T_IN>(fb, c);
+  chunk_edge_masks(edge, m);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) b[j] = (c[j] & m[j]) | (a[j] & ~m[j]);
   store_chunk(base + half + k * VEC, b);
   if (edge) {
     store_chunk_part(base + k * VEC, edge * 2, 16, a);
@@ -408,6 +496,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   // with more entries (few heads per token) gathers the rest after it.
   constexpr int MROPE_AHEAD = 3;
   __shared__ __align__(16) float mrope_rows[IS_MROPE ? 2 : 1][IS_MROPE ? MROPE_ROW_FLOATS : 1];
+  __shared__ __align__(16) float chunk_weights[CHUNKS ? 2 * VEC * 16 * CHUNK_TABLE_UNITS : 1];
   const int lanes_log2 = NARROW ? 5 : static_cast<int>(p.lanes_log2);
   const int lanes = 1 << lanes_log2;
   const int lane = threadIdx.x & (lanes - 1);
@@ -422,7 +511,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   const int n_rot_units = rotary_dim / UNIT;
   const int norm_mode = static_cast<int>(p.norm_mode);
   const bool rope_first = p.rope_first != 0;
-  const float eps = static_cast<float>(p.eps);
+  const float eps = p.eps;
 
   // Up to the host's mrope_rounds (what fits the buffer), as many rounds as still leave about
   // one window per block: at small T more rounds would only serialise heads that other blocks
@@ -453,6 +542,10 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
     }
   }
   wait_for_prior_grids();
+  if constexpr (CHUNKS) {
+    fill_chunk_weights<T_IN, VEC, PACKED>(p, n_units, rotary_dim / 2, chunk_weights);
+    __syncthreads();
+  }
   if constexpr (IS_MROPE) {
     gather_mrope_rows(p, mrope_window(p, blockIdx.x * window_heads, window_heads, total), 0u,
                       mrope_rows[0]);
@@ -496,12 +589,13 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
         inner = 0;
         dst = packed_head<T_IN>(p, outer, head, head_dim);
         src = dst;
-        if constexpr (!NARROW && !IS_MROPE) {
+        if constexpr (!NARROW && !IS_MROPE && !CHUNKS) {
           // With prefetch_next (the host's choice) the head this group takes one window on
           // goes to the L2 now: at an H200's bandwidth the bytes each thread has in flight (its
           // own head) do not cover the memory latency, and holding the next head in registers
           // would cost occupancy. A run-time switch although only the twin without
-          // STREAM_STORES sets it: compiled out, the NeoX twin spilled 8 bytes.
+          // STREAM_STORES sets it: compiled out, the NeoX twin spilled 8 bytes. The host never
+          // sets it for CHUNKS, whose instances left it in spilled 8 bytes.
           const unsigned ahead = item + gridDim.x * heads_per_block;
           if (p.prefetch_next && ahead < total) {
             const unsigned ahead_token = head_token(ahead, p);
@@ -587,11 +681,24 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           load_cos_sin<SIDE, PACKED, CHUNKS>(p, pos, freq, half, c, s, chunk_shift);
         }
       };
-      const auto rotate_loading_cos_sin = [&](float(&v)[UNIT], int k) {
+      // A position outside the cache makes the rotated pairs NaN. After the norm that goes
+      // through the scale (rot_scale below), one select a unit; the rotation before the norm
+      // (rope_first) takes NaN cos and sin, which the sum of squares then spreads to the
+      // head where there is a norm (a select a unit there measured slower, Llama 4's shape
+      // 61.5 against 59.4 us at T=8192).
+      const bool pos_ok = IS_MROPE || position_in_cache(p, pos);
+      const auto rotate_loading_cos_sin = [&](float(&v)[UNIT], int k, bool before_norm) {
 #pragma unroll
         for (int part = 0; part < VEC; part += SIDE) {
           float c[SIDE], s[SIDE];
           cos_sin(k * VEC + part, c, s);
+          if (before_norm) {
+#pragma unroll
+            for (int i = 0; i < SIDE; ++i) {
+              c[i] = pos_ok ? c[i] : __int_as_float(0x7fc00000);
+              s[i] = pos_ok ? s[i] : __int_as_float(0x7fc00000);
+            }
+          }
           rotate_pairs<IS_NEOX, VEC, SIDE>(v, part, c, s);
         }
       };
@@ -599,14 +706,11 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
       const long long weight = is_q ? p.q_weight : p.k_weight;
       const bool has_weight = weight != 0 && norm_mode != NORM_NONE;
       // The weights of head elements [at_a, at_a + SIDE) and [at_b, at_b + SIDE); with CHUNKS,
-      // of the slots' elements (gather_chunk_slots; at_b is at_a + rotary_dim / 2).
+      // of the slots of unit at_a / VEC, from the block's table (fill_chunk_weights).
       const auto load_weights = [&](int at_a, int at_b, float(&wa)[SIDE], float(&wb)[SIDE]) {
-        if constexpr (CHUNKS && PACKED) {
-          gather_chunk_slots(reinterpret_cast<const T_IN*>(weight), 0, at_a, chunk_shift,
-                             rotary_dim / 2, wa, wb);
-        } else if constexpr (CHUNKS) {
-          gather_chunk_slots(reinterpret_cast<const void*>(weight), 0, at_a, chunk_shift,
-                             rotary_dim / 2, static_cast<int>(p.weight_dtype), wa, wb);
+        if constexpr (CHUNKS) {
+          static_assert(SIDE == VEC, "a CHUNKS unit's weights come in one piece");
+          load_chunk_weights<VEC>(chunk_weights, is_q, chunk_shift, at_a / VEC, n_units, wa, wb);
         } else if constexpr (PACKED) {
           const T_IN* w = reinterpret_cast<const T_IN*>(weight);
           load_as_float<T_IN, SIDE>(w + at_a, wa);
@@ -635,16 +739,17 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
       for (int u = 0; u < MAX_UNITS; ++u) {
         const int k = lane + u * lanes;
         if (!active || k >= n_units || is_gate) continue;
-        if (rope_first && k < n_rot_units) rotate_loading_cos_sin(x[u], k);
+        if (rope_first && k < n_rot_units) rotate_loading_cos_sin(x[u], k, true);
 #pragma unroll
         for (int i = 0; i < UNIT; ++i) sum_sq += x[u][i] * x[u][i];
       }
 
       float scale = 1.f;
       if (norm_mode != NORM_NONE) {
-        const float inv_head_dim = NARROW ? 1.f / head_dim : static_cast<float>(p.inv_head_dim);
+        const float inv_head_dim = NARROW ? 1.f / head_dim : p.inv_head_dim;
         scale = rsqrtf(group_sum(sum_sq, lanes) * inv_head_dim + eps);
       }
+      const float rot_scale = pos_ok || rope_first ? scale : __int_as_float(0x7fc00000);
 
 #pragma unroll
       for (int u = 0; u < MAX_UNITS; ++u) {
@@ -654,12 +759,13 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
         unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
         float y[UNIT];
 #pragma unroll
-        for (int i = 0; i < UNIT; ++i) y[i] = x[u][i] * scale;
+        for (int i = 0; i < UNIT; ++i) y[i] = x[u][i] * (k < n_rot_units ? rot_scale : scale);
         // Other instances load the weights, use them, then load cos and sin: holding both at
         // once took the wide ones from 56 to 90 registers (2 blocks per SM instead of 4).
         const SideInputs<VEC>& side = early[NARROW ? u : 0];
         if (has_weight) {
-          const float shift = norm_mode == NORM_GEMMA ? 1.f : 0.f;
+          // The CHUNKS tables hold Gemma's 1 + w already (fill_chunk_weights).
+          const float shift = !CHUNKS && norm_mode == NORM_GEMMA ? 1.f : 0.f;
 #pragma unroll
           for (int part = 0; part < VEC; part += SIDE) {
             float wa[SIDE], wb[SIDE];
@@ -674,8 +780,8 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
             }
 #pragma unroll
             for (int i = 0; i < SIDE; ++i) {
-              y[part + i] *= wa[i] + shift;
-              y[VEC + part + i] *= wb[i] + shift;
+              y[part + i] *= CHUNKS ? wa[i] : wa[i] + shift;
+              y[VEC + part + i] *= CHUNKS ? wb[i] : wb[i] + shift;
             }
           }
         }
@@ -683,7 +789,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           if constexpr (NARROW) {
             rotate_pairs<IS_NEOX, VEC, VEC>(y, 0, side.c, side.s);
           } else {
-            rotate_loading_cos_sin(y, k);
+            rotate_loading_cos_sin(y, k, false);
           }
         }
         if constexpr (CHUNKS) {

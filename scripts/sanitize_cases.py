@@ -125,14 +125,16 @@ def run(case: Case) -> None:
 
 
 def _largest_head_dim(variant) -> int:
-    """The largest head_dim the dispatcher sends to ``variant``: it then uses every unit."""
+    """The largest head_dim the dispatcher sends to ``variant``: it then uses every unit, or
+    as many as the chunks instances' weight table holds."""
     same_kind = dataclasses.replace(variant, max_units=0)
     smaller = max((v.max_units for v in _jit.VARIANTS
                    if dataclasses.replace(v, max_units=0) == same_kind
                    and v.max_units < variant.max_units), default=0)
     return max(d for d in HEAD_DIMS
                if smaller < _jit.lanes_and_units(d, variant.vec)[1] <= variant.max_units
-               and _jit.prefetch_next(variant, d) == variant.prefetch_next)
+               and _jit.prefetch_next(variant, d) == variant.prefetch_next
+               and (not variant.chunks or d <= _jit.CHUNKS_MAX_HEAD_DIM))
 
 
 def variant_cases():

@@ -50,9 +50,11 @@ def test_every_head_dim_dispatches(dtype, is_neox, wide, is_mrope, aligned, pack
         assert variant.is_mrope == is_mrope
         # The scalar instances take any alignment; the wide ones come in both.
         assert variant.aligned == (aligned or vec == 1)
-        # Unaligned 16-bit NeoX heads under full rotary move in chunks.
+        # Unaligned 16-bit NeoX heads under full rotary move in chunks, up to the size of
+        # the chunks instances' weight table.
         assert variant.chunks == (not aligned and wide and dtype != "float32" and is_neox
-                                  and not is_mrope and rotary == "full")
+                                  and not is_mrope and rotary == "full"
+                                  and head_dim <= _jit.CHUNKS_MAX_HEAD_DIM)
         # Packed addressing: wide aligned and chunked instances only; the others fall back.
         assert variant.packed == (packed and wide and (aligned or variant.chunks))
         # The prefetching twin of a five-block instance: heads of 128 elements or more.
@@ -101,7 +103,7 @@ def test_param_struct_matches_kernel_source():
     body = re.search(r"struct QkNormRopeParams \{(.*?)\};", source, re.DOTALL).group(1)
     sub_fields = re.search(r"struct HeadStrides \{(.*?)\};", source, re.DOTALL).group(1)
     sub_names = re.findall(r"(\w+)[,;]", sub_fields)
-    names, doubles = [], []
+    names, floats = [], []
     for decl in body.strip().split(";"):
         decl = decl.strip()
         if not decl:
@@ -113,10 +115,14 @@ def test_param_struct_matches_kernel_source():
                 names += [f"{name.removesuffix('_strides')}_{s}" for s in sub_names]
             else:
                 names.append(name)
-                if ctype == "double":
-                    doubles.append(name)
+                if ctype == "float":
+                    floats.append(name)
     assert names == [*_jit.POINTER_FIELDS, *_jit.STATIC_FIELDS]
-    assert tuple(doubles) == _jit.DOUBLE_FIELDS
+    assert tuple(floats) == _jit.FLOAT_FIELDS
+    # The two floats fill one 8-byte slot, so every other field stays 8-byte aligned.
+    first = names.index(floats[0])
+    assert len(floats) == 2 and names.index(floats[1]) == first + 1
+    assert _jit.PARAMS_SIZE == 8 * (len(names) - 1)
 
 
 def test_kernel_constants_match_the_host():
@@ -124,6 +130,8 @@ def test_kernel_constants_match_the_host():
     for name in ("BLOCK_THREADS", "MROPE_ROW_FLOATS"):
         found = re.search(rf"constexpr int {name} = (\d+);", source)
         assert found and int(found.group(1)) == getattr(_jit, name), name
+    found = re.search(r"constexpr int CHUNK_TABLE_UNITS = (\d+);", source)
+    assert found and 16 * int(found.group(1)) == _jit.CHUNKS_MAX_HEAD_DIM
 
 
 @pytest.mark.parametrize("divisor", [1, 2, 3, 5, 7, 12, 32, 40, 48, 56, 64, 96, 127, 129, 1000,

@@ -932,16 +932,17 @@ def test_cpu_small_packed_calls_take_a_warp_per_head(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cpu_unaligned_calls_move_in_chunks_up_to_chunks_max_heads(dtype):
-    """Unaligned in-place NeoX calls of 16-bit heads take the packed chunks instance up to
-    CHUNKS_MAX_HEADS heads, where it measured faster, and the narrow-access one past it."""
-    limit = cuqk._jit.CHUNKS_MAX_HEADS // 40
-    for head_dim in (64, 128, 256):
-        up_to = _packed_plan_variant(limit, head_dim, dtype, shift=3)
-        past = _packed_plan_variant(limit + 1, head_dim, dtype, shift=3)
-        assert not up_to.aligned and not past.aligned and not past.chunks and not past.packed
-        assert up_to.chunks == up_to.packed == (dtype != "float32")
-        assert _packed_plan_variant(limit, head_dim, dtype).aligned
+def test_cpu_unaligned_calls_move_in_chunks_up_to_the_weight_table_size(dtype):
+    """Unaligned in-place NeoX calls of 16-bit heads take the packed chunks instance at every
+    size (it measured faster at each) for heads up to CHUNKS_MAX_HEAD_DIM; longer heads take
+    the narrow-access one."""
+    for tokens in (1, 8192, 65536):
+        for head_dim in (64, 128, 256):
+            chunked = _packed_plan_variant(tokens, head_dim, dtype, shift=3)
+            assert not chunked.aligned and chunked.chunks == chunked.packed == (dtype != "float32")
+            assert _packed_plan_variant(tokens, head_dim, dtype).aligned
+        longest = _packed_plan_variant(tokens, 2 * cuqk._jit.CHUNKS_MAX_HEAD_DIM, dtype, shift=3)
+        assert not longest.aligned and not longest.chunks and not longest.packed
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
