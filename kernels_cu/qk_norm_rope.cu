@@ -681,24 +681,11 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           load_cos_sin<SIDE, PACKED, CHUNKS>(p, pos, freq, half, c, s, chunk_shift);
         }
       };
-      // A position outside the cache makes the rotated pairs NaN. After the norm that goes
-      // through the scale (rot_scale below), one select a unit; the rotation before the norm
-      // (rope_first) takes NaN cos and sin, which the sum of squares then spreads to the
-      // head where there is a norm (a select a unit there measured slower, Llama 4's shape
-      // 61.5 against 59.4 us at T=8192).
-      const bool pos_ok = IS_MROPE || position_in_cache(p, pos);
-      const auto rotate_loading_cos_sin = [&](float(&v)[UNIT], int k, bool before_norm) {
+      const auto rotate_loading_cos_sin = [&](float(&v)[UNIT], int k) {
 #pragma unroll
         for (int part = 0; part < VEC; part += SIDE) {
           float c[SIDE], s[SIDE];
           cos_sin(k * VEC + part, c, s);
-          if (before_norm) {
-#pragma unroll
-            for (int i = 0; i < SIDE; ++i) {
-              c[i] = pos_ok ? c[i] : __int_as_float(0x7fc00000);
-              s[i] = pos_ok ? s[i] : __int_as_float(0x7fc00000);
-            }
-          }
           rotate_pairs<IS_NEOX, VEC, SIDE>(v, part, c, s);
         }
       };
@@ -739,7 +726,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
       for (int u = 0; u < MAX_UNITS; ++u) {
         const int k = lane + u * lanes;
         if (!active || k >= n_units || is_gate) continue;
-        if (rope_first && k < n_rot_units) rotate_loading_cos_sin(x[u], k, true);
+        if (rope_first && k < n_rot_units) rotate_loading_cos_sin(x[u], k);
 #pragma unroll
         for (int i = 0; i < UNIT; ++i) sum_sq += x[u][i] * x[u][i];
       }
@@ -749,7 +736,14 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
         const float inv_head_dim = NARROW ? 1.f / head_dim : p.inv_head_dim;
         scale = rsqrtf(group_sum(sum_sq, lanes) * inv_head_dim + eps);
       }
-      const float rot_scale = pos_ok || rope_first ? scale : __int_as_float(0x7fc00000);
+      // A position outside the cache makes the rotated pairs NaN through the scale, one
+      // select a unit instead of one per cos and sin; with the rotation before the norm, the
+      // whole head, whose sum of squares those pairs are part of. (NaN cos and sin for the
+      // rotation before the norm, as before, measured slower: Llama 4's shape 62.2 against
+      // 61.5 us at T=8192, and the other paths slower by their larger code.)
+      const bool pos_ok = IS_MROPE || position_in_cache(p, pos);
+      const float rot_scale = pos_ok ? scale : __int_as_float(0x7fc00000);
+      const float pass_scale = rope_first && norm_mode != NORM_NONE ? rot_scale : scale;
 
 #pragma unroll
       for (int u = 0; u < MAX_UNITS; ++u) {
@@ -759,7 +753,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
         unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
         float y[UNIT];
 #pragma unroll
-        for (int i = 0; i < UNIT; ++i) y[i] = x[u][i] * (k < n_rot_units ? rot_scale : scale);
+        for (int i = 0; i < UNIT; ++i) y[i] = x[u][i] * (k < n_rot_units ? rot_scale : pass_scale);
         // Other instances load the weights, use them, then load cos and sin: holding both at
         // once took the wide ones from 56 to 90 registers (2 blocks per SM instead of 4).
         const SideInputs<VEC>& side = early[NARROW ? u : 0];
@@ -789,7 +783,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           if constexpr (NARROW) {
             rotate_pairs<IS_NEOX, VEC, VEC>(y, 0, side.c, side.s);
           } else {
-            rotate_loading_cos_sin(y, k, false);
+            rotate_loading_cos_sin(y, k);
           }
         }
         if constexpr (CHUNKS) {
