@@ -21,8 +21,9 @@
 // takes up to five narrow ones. Unit k holds the chunks at k*VEC and rot/2 + k*VEC from the
 // chunk base; slot i of both holds a rotation pair of frequency k*VEC + i - shift, except in
 // unit 0, whose slots i < shift pair the chunk at rot/2 with the tail chunk past the head
-// (frequency rot/2 + i - shift). The weights and cos/sin of each slot are gathered at those
-// indices, and only unit 0's first and tail chunks are moved in pieces.
+// (frequency rot/2 + i - shift). The cos/sin of each slot are gathered at those indices;
+// its weights come from a per-block table of every slot under every shift (up to head_dim
+// 256, fill_chunk_weights). Only unit 0's first and tail chunks are moved in pieces.
 //
 // Gated attention. With gate_out set, each q head of q_in is followed by a gate head of the same
 // size (q_in's head stride is 2 * head_dim); the gates are extra work items after the k heads,
@@ -51,13 +52,12 @@ struct HeadStrides {
 /// \brief Kernel arguments, passed by value as one struct. Every field is 8 bytes, or one of
 /// two floats that share 8, so the host packs it with a flat format and no padding rules
 /// apply; the order is mirrored by POINTER_FIELDS and STATIC_FIELDS in cuqk/_jit.py (a CPU
-/// test compares them). Pointers come
-/// first so a launch rewrites only the leading bytes of a plan's packed struct; then what every
-/// instance reads before a head's first store, so that a small call's first constant loads
-/// miss in few cache lines; the fields of other layouts and of mRoPE last. A null positions
-/// pointer means token t reads cache row t. inv_head_dim comes from the host because a float
-/// division is a dozen instructions and a slow-path check on the chain between a head's
-/// reduction and its first store.
+/// test compares them). Pointers come first so a launch rewrites only the leading bytes of a
+/// plan's packed struct; then what every instance reads before a head's first store, so that
+/// a small call's first constant loads miss in few cache lines; the fields of other layouts
+/// and of mRoPE last. A null positions pointer means token t reads cache row t. inv_head_dim
+/// comes from the host because a float division is a dozen instructions and a slow-path
+/// check on the chain between a head's reduction and its first store.
 struct QkNormRopeParams {
   long long q_in, k_in, q_out, k_out, gate_out, positions, cache, q_weight, k_weight;
   long long num_tokens, num_q_heads, num_k_heads, head_div_magic, head_div_shift;
@@ -759,7 +759,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
         const SideInputs<VEC>& side = early[NARROW ? u : 0];
         if (has_weight) {
           // The CHUNKS tables hold Gemma's 1 + w already (fill_chunk_weights).
-          const float shift = !CHUNKS && norm_mode == NORM_GEMMA ? 1.f : 0.f;
+          const float shift = norm_mode == NORM_GEMMA ? 1.f : 0.f;
 #pragma unroll
           for (int part = 0; part < VEC; part += SIDE) {
             float wa[SIDE], wb[SIDE];
