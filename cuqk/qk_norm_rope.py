@@ -392,6 +392,10 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
               and _outputs_at_input_offsets(heads, lead_strides, itemsize)
               and _jit.chunks_fit(act_dtype, is_neox, vec, mrope_section is not None, rotary_dim,
                                   head_dim))
+    # Packed chunks read a head's edge chunks whole but for the span's first and last head
+    # (the kernel's whole_edges), which holds where tokens are at least 16 bytes apart upwards.
+    if chunks and num_tokens > 1 and lead_strides[0][0] * itemsize < 16:
+        packed = False
     variant = _jit.select_variant(act_dtype, is_neox, vec, units, mrope_section is not None,
                                   aligned=data_ok, packed=packed, head_dim=head_dim,
                                   chunks=chunks)

@@ -243,7 +243,7 @@ __device__ __forceinline__ void load_chunk_part(const void* chunk, int from, int
 }
 
 /// \brief Stores the 16-byte aligned chunk at `chunk` in one access. In PTX because NVVM wrote
-/// the struct store of store_words_by as four word stores next to store_chunk_part's
+/// the struct store of store_words_by as four word stores next to the partial stores'
 /// branches.
 __device__ __forceinline__ void store_chunk(void* chunk, const cuqk_u32 (&w)[4]) {
   asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
@@ -252,23 +252,38 @@ __device__ __forceinline__ void store_chunk(void* chunk, const cuqk_u32 (&w)[4])
                : "memory");
 }
 
-/// \brief Stores the bytes [from, to) of w to the 16-byte aligned chunk at `chunk` (from and
-/// to as in load_chunk_part); the chunk's other bytes, which other threads may be writing, are
-/// not touched.
-__device__ __forceinline__ void store_chunk_part(void* chunk, int from, int to,
-                                                 const cuqk_u32 (&w)[4]) {
-  cuqk_u32* words = static_cast<cuqk_u32*>(chunk);
-  cuqk_u16* halves = static_cast<cuqk_u16*>(chunk);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int lo = 4 * i, hi = 4 * i + 4;
-    if (lo >= from && hi <= to) {
-      words[i] = w[i];
-    } else if (lo + 2 == from && hi <= to) {
-      halves[2 * i + 1] = static_cast<cuqk_u16>(w[i] >> 16);
-    } else if (lo >= from && lo + 2 == to) {
-      halves[2 * i] = static_cast<cuqk_u16>(w[i] & 0xffffu);
-    }
+/// \brief Stores the 16-bit elements [edge, 8) of w to the 16-byte aligned chunk at `chunk`
+/// (0 < edge < 8); the chunk's other bytes, which other threads may be writing, are not
+/// touched. The whole words go in predicated accesses of fixed width and offset, so the warp
+/// issues the same few instructions whatever the edge, where a loop over the words with the
+/// edge at run time compiled to a branch per word.
+__device__ __forceinline__ void store_chunk_from(void* chunk, int edge, const cuqk_u32 (&w)[4]) {
+  char* at = static_cast<char*>(chunk);
+  // Word j holds elements 2j and 2j + 1: whole words from first on, and the upper half of the
+  // word before it where the edge is odd.
+  const int first = (edge + 1) >> 1;
+  if (first == 1) *reinterpret_cast<cuqk_u32*>(at + 4) = w[1];
+  if (first <= 2) *reinterpret_cast<U32x2*>(at + 8) = U32x2{w[2], w[3]};
+  if (first == 3) *reinterpret_cast<cuqk_u32*>(at + 12) = w[3];
+  if (edge & 1) {
+    const cuqk_u32 word = edge == 1 ? w[0] : edge == 3 ? w[1] : edge == 5 ? w[2] : w[3];
+    *reinterpret_cast<cuqk_u16*>(at + 2 * edge) = static_cast<cuqk_u16>(word >> 16);
+  }
+}
+
+/// \brief Stores the 16-bit elements [0, edge) of w to the 16-byte aligned chunk at `chunk`
+/// (0 < edge < 8), as store_chunk_from does the others.
+__device__ __forceinline__ void store_chunk_below(void* chunk, int edge,
+                                                  const cuqk_u32 (&w)[4]) {
+  char* at = static_cast<char*>(chunk);
+  // Whole words below whole, and the lower half of word whole where the edge is odd.
+  const int whole = edge >> 1;
+  if (whole >= 2) *reinterpret_cast<U32x2*>(at) = U32x2{w[0], w[1]};
+  if (whole == 1) *reinterpret_cast<cuqk_u32*>(at) = w[0];
+  if (whole == 3) *reinterpret_cast<cuqk_u32*>(at + 8) = w[2];
+  if (edge & 1) {
+    const cuqk_u32 word = whole == 0 ? w[0] : whole == 1 ? w[1] : whole == 2 ? w[2] : w[3];
+    *reinterpret_cast<cuqk_u16*>(at + 4 * whole) = static_cast<cuqk_u16>(word & 0xffffu);
   }
 }
 

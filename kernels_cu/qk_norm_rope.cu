@@ -23,7 +23,8 @@
 // unit 0, whose slots i < shift pair the chunk at rot/2 with the tail chunk past the head
 // (frequency rot/2 + i - shift). The cos/sin of each slot are gathered at those indices;
 // its weights come from a per-block table of every slot under every shift (up to head_dim
-// 256, fill_chunk_weights). Only unit 0's first and tail chunks are moved in pieces.
+// 256, fill_chunk_weights). Only unit 0's first and tail chunks, which hold a neighbour's
+// bytes, are stored in pieces; the packed instances read them whole (load_chunk_unit).
 //
 // Gated attention. With gate_out set, each q head of q_in is followed by a gate head of the same
 // size (q_in's head stride is 2 * head_dim); the gates are extra work items after the k heads,
@@ -392,17 +393,23 @@ __device__ __forceinline__ void chunk_edge_masks(int edge, cuqk_u32 (&m)[4]) {
 
 /// \brief Unit k of a CHUNKS head whose chunks start at `base` (16-byte aligned, `shift`
 /// elements before the head): x[i] and x[VEC + i] are the rotation pair of slot i.
+/// With whole_edges the two edge chunks are read whole, a neighbour's bytes with them, which
+/// the masks below drop: one load each instead of up to four narrow ones and their branches.
+/// Only where those bytes lie inside the tensor's span (the caller checks): there they cannot
+/// fault and are inside the allocation, and PTX's memory model, unlike C++'s, gives a weak
+/// load that races with another warp's store some value, not undefined behaviour.
 template <typename T_IN, int VEC>
 __device__ __forceinline__ void load_chunk_unit(const T_IN* base, int k, int half, int shift,
-                                                float (&x)[2 * VEC]) {
+                                                bool whole_edges, float (&x)[2 * VEC]) {
   static_assert(VEC == 8, "a unit is two chunks");
   const int edge = k == 0 ? shift : 0;
   cuqk_u32 a[4], b[4], c[4] = {}, m[4];
-  if (edge) {
+  if (edge && !whole_edges) {
     load_chunk_part(base + k * VEC, edge * 2, 16, a);
     load_chunk_part(base + 2 * half, 0, edge * 2, c);
   } else {
     load_words_by<4, 4>(base + k * VEC, a);
+    if (edge) load_words_by<4, 4>(base + 2 * half, c);
   }
   load_words_by<4, 4>(base + half + k * VEC, b);
   chunk_edge_masks(edge, m);
@@ -445,8 +452,8 @@ __device__ __forceinline__ void store_chunk_unit(T_IN* base, int k, int half, in
   for (int j = 0; j < 4; ++j) b[j] = (c[j] & m[j]) | (a[j] & ~m[j]);
   store_chunk(base + half + k * VEC, b);
   if (edge) {
-    store_chunk_part(base + k * VEC, edge * 2, 16, a);
-    store_chunk_part(base + 2 * half, 0, edge * 2, c);
+    store_chunk_from(base + k * VEC, edge, a);
+    store_chunk_below(base + 2 * half, edge, c);
   } else {
     store_chunk(base + k * VEC, a);
   }
@@ -623,6 +630,10 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           CHUNKS ? static_cast<int>(reinterpret_cast<unsigned long long>(src) & 15u) /
                        static_cast<int>(sizeof(T_IN))
                  : 0;
+      // Packed CHUNKS: whether the head's edge chunks lie inside the span of the q and k
+      // heads (load_chunk_unit). They do for every head but the first and the last, because
+      // the host takes packed CHUNKS only where tokens are at least 16 bytes apart, upwards.
+      const bool whole_edges = CHUNKS && PACKED && item != 0u && item + 1u != total;
 
       long long pos = token;
       if (!IS_MROPE && active && p.positions) {
@@ -647,7 +658,8 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           continue;
         }
         if constexpr (CHUNKS) {
-          load_chunk_unit<T_IN, VEC>(src - chunk_shift, k, rotary_dim / 2, chunk_shift, x[u]);
+          load_chunk_unit<T_IN, VEC>(src - chunk_shift, k, rotary_dim / 2, chunk_shift,
+                                     whole_edges, x[u]);
         } else {
           unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
           float va[VEC], vb[VEC];

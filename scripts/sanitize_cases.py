@@ -168,6 +168,8 @@ def edge_cases():
              row_pad=8),
         Case("chunks: rows one element longer (every offset), head_dim 32", lead=(9,),
              head_dim=32, offset=1, row_pad=1),
+        Case("chunks: packed qkv without v, its last head ending its allocation mid-chunk",
+             lead=(9,), hv=0, head_dim=64, offset=1),
         Case("chunks: every offset, head_dim 256, float32 weights, out-of-range positions",
              dtype="float16", lead=(9,), head_dim=256, offset=3, row_pad=1, weights="float32",
              positions="out of range"),

@@ -884,16 +884,18 @@ def test_gpu_dispatch_realigns_views_and_keeps_scalar_for_misaligned_weights(dty
 
 
 def _packed_plan(tokens, head_dim=128, dtype="bfloat16", cache_dtype="float32", mrope=False,
-                 hq=32, hk=8, shift=0):
+                 hq=32, hk=8, shift=0, row_stride=None):
     """The plan of an in-place call on a packed [tokens, width] qkv ``shift`` elements past a
-    16-byte boundary (planned from array descriptions on device 0: no GPU needed)."""
+    16-byte boundary, its tokens ``row_stride`` elements apart (default width; planned from
+    array descriptions on device 0: no GPU needed)."""
     qnr = sys.modules["cuqk.qk_norm_rope"]
     info = cuqk._interop.ArrayInfo
     width = (hq + 2 * hk) * head_dim
     itemsize = cuqk._jit.DTYPES[dtype][1]
     k_offset = hq * head_dim * itemsize
     start = (1 << 20) + shift * itemsize
-    heads = [(start, (width,), head_dim), (start + k_offset, (width,), head_dim)] * 2
+    row_stride = width if row_stride is None else row_stride
+    heads = [(start, (row_stride,), head_dim), (start + k_offset, (row_stride,), head_dim)] * 2
     positions = (info("torch", (3, tokens), (tokens, 1), "int64", 0, 1 << 30) if mrope else
                  info("torch", (tokens,), (1,), "int64", 0, 1 << 30))
     weight = info("torch", (head_dim,), (1,), dtype, 0, 1 << 31)
@@ -943,6 +945,19 @@ def test_cpu_unaligned_calls_move_in_chunks_up_to_the_weight_table_size(dtype):
             assert _packed_plan_variant(tokens, head_dim, dtype).aligned
         longest = _packed_plan_variant(tokens, 2 * cuqk._jit.CHUNKS_MAX_HEAD_DIM, dtype, shift=3)
         assert not longest.aligned and not longest.chunks and not longest.packed
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cpu_packed_chunks_need_tokens_16_bytes_apart_upwards(dtype):
+    """The packed chunks instance reads a head's edge chunks whole, a neighbour's bytes with
+    them, for every head but the first and the last of the call, which are the span's ends
+    only where tokens lie at least 16 bytes apart upwards: reversed rows (a negative stride)
+    take the general chunks instance, which reads only each head's own bytes."""
+    width = 48 * 128
+    assert _packed_plan_variant(8192, dtype=dtype, shift=3, row_stride=width).packed
+    flipped = _packed_plan_variant(8192, dtype=dtype, shift=3, row_stride=-width)
+    assert flipped.chunks and not flipped.packed
+    assert _packed_plan_variant(1, dtype=dtype, shift=3, row_stride=-width).packed
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
