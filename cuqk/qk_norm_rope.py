@@ -392,8 +392,9 @@ def _build_plan(fw, device, act_dtype, lead, heads, positions, q_weight, k_weigh
               and _outputs_at_input_offsets(heads, lead_strides, itemsize)
               and _jit.chunks_fit(act_dtype, is_neox, vec, mrope_section is not None, rotary_dim,
                                   head_dim))
-    # Packed chunks read a head's edge chunks whole but for the span's first and last head
-    # (the kernel's whole_edges), which holds where tokens are at least 16 bytes apart upwards.
+    # Packed chunks read the edge chunks of every head but the call's first and last whole (the
+    # kernel's whole_edges): those two are the q/k span's ends only where tokens lie at least
+    # 16 bytes apart upwards.
     if chunks and num_tokens > 1 and lead_strides[0][0] * itemsize < 16:
         packed = False
     variant = _jit.select_variant(act_dtype, is_neox, vec, units, mrope_section is not None,
