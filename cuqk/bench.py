@@ -13,7 +13,8 @@ including torch.compile's and cuqk's compilation, happens before capture.
 
 Bytes are what a fused kernel must move: read and write q and k, read one cache row and one
 position per token. The "copy" provider copies that many bytes (read + write) device to device,
-the roofline at that size; a 2 GiB copy gives the peak that "pct_of_copy" refers to.
+the roofline at that size, which "pct_of_copy" refers to; a 2 GiB copy gives the peak (the
+header's GB/s and the plot's line). Copies go in pieces of at most COPY_PIECE_BYTES.
 
 Extras: --host-overhead times eager calls on the CPU; --startup times import, first call and
 cold compile in fresh subprocesses with their own CuPy disk cache.
@@ -89,6 +90,10 @@ MAX_POS = 65536
 EPS = 1e-6
 TARGET_REPLAY_US = 1000.0
 MAX_CALLS = 200
+# In a CUDA graph the driver moved copies of 512 MiB and more at 2.7 TB/s on the device's H200,
+# against 4.0-4.2 TB/s for 86-256 MiB and for an eager 2 GiB copy (2026-12-04): so the copy
+# roofline is timed as copies of at most this size.
+COPY_PIECE_BYTES = 256 << 20
 
 
 def reference_qk_norm_rope_(qkv, positions, q_weight, k_weight, cos_sin_cache, *, num_q_heads,
@@ -208,7 +213,7 @@ def provider_calls(provider, cfg, dtype, tokens, compiled, rotate,
         pairs = [(torch.empty(half, dtype=torch.uint8, device="cuda"),
                   torch.empty(half, dtype=torch.uint8, device="cuda"))
                  for _ in range(rotation_count(2 * half, rotate))]
-        return [functools.partial(dst.copy_, src) for src, dst in pairs]
+        return [functools.partial(copy_in_pieces, dst, src) for src, dst in pairs]
     fused = cuqk.qk_norm_rope_gate if cfg.gate else cuqk.qk_norm_rope_
     op = {"cuqk": fused, "cuqk_no_pdl": functools.partial(_without_pdl, fused),
           "torch_eager": unfused_op(cfg), "torch_compile": compiled}[provider]
@@ -299,10 +304,17 @@ def time_calls(calls: list[Callable], warmup_ms: float, reps: int) -> dict:
             "calls_per_replay": n, "buffers": len(calls)}
 
 
+def copy_in_pieces(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for flat tensors, as copies of at most COPY_PIECE_BYTES."""
+    piece = max(1, COPY_PIECE_BYTES // src.element_size())
+    for d, s in zip(dst.split(piece), src.split(piece), strict=True):
+        d.copy_(s)
+
+
 def copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
     dst = torch.empty_like(src)
-    median_us = time_calls([functools.partial(dst.copy_, src)], 10.0, 10)["median_us"]
+    median_us = time_calls([functools.partial(copy_in_pieces, dst, src)], 10.0, 10)["median_us"]
     return 2 * nbytes / median_us / 1e3
 
 
@@ -365,11 +377,8 @@ def bench(configs=None, dtypes=DTYPES, sizes=SIZES, providers=PROVIDERS, rotate=
 
 
 def _relate_to_same_size_copy(rows) -> None:
-    """pct_of_copy against the copy of the same bytes in the same run, when it was timed.
-
-    The 2 GiB copy measured 2420 GB/s on the device's H100 while copies of 0.1-1.4 GB in the
-    same runs moved about 3000 GB/s; the same-size copy is the tighter and fairer roofline.
-    """
+    """pct_of_copy against the copy of the same bytes in the same run, when it was timed: at
+    small T the copy's own launch and latency are part of the roofline."""
     copy = next((r for r in rows if r["provider"] == "copy" and "median_us" in r), None)
     if copy is None:
         return

@@ -43,6 +43,21 @@ def test_unfused_baseline_matches_reference(name):
         assert_matches(g.double().numpy(), np.asarray(w), "float32", name)
 
 
+def test_copy_in_pieces_copies_everything_in_pieces_of_at_most_the_limit(monkeypatch):
+    """The copy roofline is timed as copies of at most COPY_PIECE_BYTES (a CUDA graph moved
+    larger ones at two thirds of the speed), and still copies every byte."""
+    monkeypatch.setattr(bench, "COPY_PIECE_BYTES", 8)
+    src = torch.arange(11, dtype=torch.float32)
+    dst = torch.zeros_like(src)
+    sizes = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_",
+                        lambda d, s: sizes.append(s.nbytes) or real_copy(d, s))
+    bench.copy_in_pieces(dst, src)
+    assert torch.equal(dst, src)
+    assert sizes == [8, 8, 8, 8, 8, 4]
+
+
 def test_cli_parses_shared_positions_and_lists():
     args = bench._parse_args(["bench", "--shared-positions", "--configs", "qwen3-8b,d256",
                               "--sizes", "1,16"])
