@@ -93,7 +93,9 @@ class Variant:
     function, says which twin a call takes). ``chunks``: an unaligned 16-bit NeoX instance
     that moves each head as the aligned 16-byte chunks it overlaps (the kernel's CHUNKS), for
     calls whose rotary_dim is head_dim and whose outputs sit at their inputs' offsets within
-    16 bytes (``chunks_fit``); it may be ``packed``."""
+    16 bytes (``chunks_fit``); it may be ``packed``. ``head_dim``: a packed ``chunks`` instance
+    compiled for that head size (``CHUNKS_PACKED_HEAD_DIMS``; the kernel's HEAD_DIM), 0 for
+    one that reads it at run time."""
 
     dtype: str
     is_neox: bool
@@ -104,6 +106,7 @@ class Variant:
     packed: bool = False
     prefetch_next: bool = False
     chunks: bool = False
+    head_dim: int = 0
 
     @property
     def narrow(self) -> bool:
@@ -126,17 +129,19 @@ class Variant:
         packed = "_packed" if self.packed else ""
         prefetch = "_prefetch" if self.prefetch_next else ""
         chunks = "_chunks" if self.chunks else ""
+        fixed = f"_d{self.head_dim}" if self.head_dim else ""
         return (f"qk_norm_rope_{self.dtype}_{style}_vec{self.vec}_units{self.max_units}{mrope}"
-                f"{realign}{chunks}{packed}{prefetch}")
+                f"{realign}{chunks}{packed}{prefetch}{fixed}")
 
     @property
     def expression(self) -> str:
         flags = [DTYPES[self.dtype][0], "true" if self.is_neox else "false", str(self.vec),
                  str(self.max_units), "true" if self.aligned else "false",
                  "true" if self.packed else "false"]
-        if not self.is_mrope:  # STREAM_STORES, CHUNKS
+        if not self.is_mrope:  # STREAM_STORES, CHUNKS, HEAD_DIM
             flags.append("true" if self.five_blocks_per_sm and not self.prefetch_next else "false")
             flags.append("true" if self.chunks else "false")
+            flags.append(str(self.head_dim))
         kernel = "qk_norm_mrope_kernel" if self.is_mrope else "qk_norm_rope_kernel"
         return f"{kernel}<{', '.join(flags)}>"
 
@@ -156,6 +161,9 @@ NARROW_MAX_HEADS = 2048
 # The chunks instances' weight table holds heads up to this size (CHUNK_TABLE_UNITS in the
 # kernel source, 16 units of 16 elements).
 CHUNKS_MAX_HEAD_DIM = 256
+# Head sizes with a packed chunks instance of their own (the kernel's HEAD_DIM); other sizes
+# take the one that reads head_dim at run time.
+CHUNKS_PACKED_HEAD_DIMS = (64, 128, 256)
 
 
 def _build_variants() -> tuple[Variant, ...]:
@@ -173,8 +181,10 @@ def _build_variants() -> tuple[Variant, ...]:
                             if variant.five_blocks_per_sm:
                                 out.append(replace(variant, prefetch_next=True))
                 if is_neox and not is_mrope and DTYPES[dtype][1] == 2:
-                    out += [Variant(dtype, True, vec, 1, aligned=False, packed=packed, chunks=True)
-                            for packed in (False, True)]
+                    out += [Variant(dtype, True, vec, 1, aligned=False, packed=packed, chunks=True,
+                                    head_dim=head_dim)
+                            for packed, head_dim in ((False, 0), (True, 0),
+                                                     *((True, d) for d in CHUNKS_PACKED_HEAD_DIMS))]
                 out.append(Variant(dtype, is_neox, 1, _SCALAR_UNITS, is_mrope))
                 if not is_mrope:
                     out += [Variant(dtype, is_neox, vec, 1, packed=True)
@@ -188,7 +198,7 @@ for _v in VARIANTS:
     if _v.prefetch_next:
         continue  # select_variant picks these by head_dim
     _BY_KEY.setdefault((_v.dtype, _v.is_neox, _v.vec, _v.is_mrope, _v.aligned, _v.packed,
-                        _v.chunks), []).append(_v)
+                        _v.chunks, _v.head_dim), []).append(_v)
 
 
 def narrow_vec(dtype: str, head_dim: int) -> int | None:
@@ -254,7 +264,8 @@ def select_variant(dtype: str, is_neox: bool, vec: int, units_per_lane: int,
     chunks = chunks and not aligned and vec > 1
     packed = packed and vec > 1 and (aligned or chunks)
     key = (dtype, is_neox, vec, is_mrope, aligned or vec == 1, packed, chunks)
-    for variant in _BY_KEY.get(key, ()):
+    fixed = head_dim if packed and chunks and head_dim in CHUNKS_PACKED_HEAD_DIMS else 0
+    for variant in _BY_KEY.get((*key, fixed), ()):
         if variant.max_units >= units_per_lane:
             if prefetch_next(variant, head_dim):
                 return replace(variant, prefetch_next=True)

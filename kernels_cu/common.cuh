@@ -318,6 +318,11 @@ __device__ __forceinline__ void load_as_float_dyn(const void* ptr, long long ele
   }
 }
 
+/// \brief The smallest k with 2^k >= n (n >= 1), at compile time.
+__host__ __device__ constexpr int ceil_log2(int n) {
+  return n <= 1 ? 0 : 1 + ceil_log2((n + 1) / 2);
+}
+
 /// \brief ptr, as a value the compiler cannot see through: it stays one register pair, and
 /// indices added to it are not folded into the arithmetic that produced it.
 template <typename T>

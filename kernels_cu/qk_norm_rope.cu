@@ -479,17 +479,23 @@ __device__ __forceinline__ void store_chunk_unit(T_IN* base, int k, int half, in
 /// \tparam CHUNKS    (unaligned 16-bit NeoX instances only) the chunked layout above; the host
 ///                   takes it where rotary_dim is head_dim and every output head has its
 ///                   input's offset within 16 bytes
+/// \tparam HEAD_DIM  (packed CHUNKS instances only) head_dim and rotary_dim fixed at compile
+///                   time, 0 to read them at run time: the lane count, the loop bounds and the
+///                   reduction's shuffles then leave each round's instructions (Qwen3-8B's
+///                   shape: 566 SASS instructions in the loop against 662)
 ///
 /// The host launches at most as many blocks as are resident at once, and each group strides
 /// over the heads: no block slot waits for the slowest warp of a finished block before the
 /// next block starts.
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool IS_MROPE, bool ALIGNED,
-          bool PACKED, bool STREAM_STORES, bool CHUNKS>
+          bool PACKED, bool STREAM_STORES, bool CHUNKS, int HEAD_DIM>
 __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   static_assert(!STREAM_STORES || five_blocks_per_sm<T_IN, VEC, IS_MROPE, PACKED, ALIGNED>(),
                 "only five-block instances have a streaming twin");
   static_assert(!CHUNKS || (!ALIGNED && IS_NEOX && !IS_MROPE && sizeof(T_IN) == 2 && VEC == 8),
                 "chunks are for unaligned 16-bit NeoX heads");
+  static_assert(HEAD_DIM == 0 || (CHUNKS && PACKED && HEAD_DIM % (2 * VEC) == 0),
+                "a compile-time head_dim is for packed chunks instances");
   constexpr int UNIT = 2 * VEC;
   // Narrow packed instances (a warp per head, head_dim = 64 * VEC: the host checks) serve small
   // calls, whose time is one head's chain: the head's geometry is known at compile time, and
@@ -504,7 +510,8 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   constexpr int MROPE_AHEAD = 3;
   __shared__ __align__(16) float mrope_rows[IS_MROPE ? 2 : 1][IS_MROPE ? MROPE_ROW_FLOATS : 1];
   __shared__ __align__(16) float chunk_weights[CHUNKS ? 2 * VEC * 16 * CHUNK_TABLE_UNITS : 1];
-  const int lanes_log2 = NARROW ? 5 : static_cast<int>(p.lanes_log2);
+  const int lanes_log2 =
+      NARROW ? 5 : HEAD_DIM ? ceil_log2(HEAD_DIM / UNIT) : static_cast<int>(p.lanes_log2);
   const int lanes = 1 << lanes_log2;
   const int lane = threadIdx.x & (lanes - 1);
   const unsigned heads_per_block = BLOCK_THREADS >> lanes_log2;
@@ -512,8 +519,8 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
   const unsigned num_qk_heads = num_q_heads + static_cast<unsigned>(p.num_k_heads);
   const unsigned num_heads = num_qk_heads + (p.gate_out ? num_q_heads : 0u);
   const unsigned total = static_cast<unsigned>(p.num_tokens) * num_heads;
-  const int head_dim = NARROW ? 64 * VEC : static_cast<int>(p.head_dim);
-  const int rotary_dim = static_cast<int>(p.rotary_dim);
+  const int head_dim = NARROW ? 64 * VEC : HEAD_DIM ? HEAD_DIM : static_cast<int>(p.head_dim);
+  const int rotary_dim = HEAD_DIM ? HEAD_DIM : static_cast<int>(p.rotary_dim);
   const int n_units = head_dim / UNIT;
   const int n_rot_units = rotary_dim / UNIT;
   const int norm_mode = static_cast<int>(p.norm_mode);
@@ -689,7 +696,8 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           // The five-block instances take half the rotary size from the kernel's register (12
           // bytes of spills when reread from the parameters); the others reread it (the
           // register copy took the scalar ones from 60 to 124 registers).
-          const int half = (FIVE_BLOCKS ? rotary_dim : static_cast<int>(p.rotary_dim)) / 2;
+          const int half =
+              (FIVE_BLOCKS || HEAD_DIM ? rotary_dim : static_cast<int>(p.rotary_dim)) / 2;
           load_cos_sin<SIDE, PACKED, CHUNKS>(p, pos, freq, half, c, s, chunk_shift);
         }
       };
@@ -745,7 +753,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
 
       float scale = 1.f;
       if (norm_mode != NORM_NONE) {
-        const float inv_head_dim = NARROW ? 1.f / head_dim : p.inv_head_dim;
+        const float inv_head_dim = NARROW || HEAD_DIM ? 1.f / head_dim : p.inv_head_dim;
         scale = rsqrtf(group_sum(sum_sq, lanes) * inv_head_dim + eps);
       }
       // A position outside the cache makes the rotated pairs NaN through the scale, one
@@ -834,12 +842,12 @@ __host__ __device__ constexpr int rope_min_blocks() {
 
 /// \brief 1-D RoPE, bounded as rope_min_blocks says.
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED, bool PACKED,
-          bool STREAM_STORES, bool CHUNKS>
+          bool STREAM_STORES, bool CHUNKS, int HEAD_DIM>
 __global__ void __launch_bounds__(BLOCK_THREADS,
                                   rope_min_blocks<T_IN, VEC, ALIGNED, PACKED, CHUNKS>())
     qk_norm_rope_kernel(const QkNormRopeParams p) {
   norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, false, ALIGNED, PACKED, STREAM_STORES,
-                  CHUNKS>(p);
+                  CHUNKS, HEAD_DIM>(p);
 }
 
 /// \brief Multimodal RoPE: the 1-D work on rows gathered into shared memory per block. Left
@@ -849,5 +857,5 @@ __global__ void __launch_bounds__(BLOCK_THREADS,
 template <typename T_IN, bool IS_NEOX, int VEC, int MAX_UNITS, bool ALIGNED, bool PACKED>
 __global__ void __launch_bounds__(BLOCK_THREADS, 4)
     qk_norm_mrope_kernel(const QkNormRopeParams p) {
-  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true, ALIGNED, PACKED, false, false>(p);
+  norm_rope_heads<T_IN, IS_NEOX, VEC, MAX_UNITS, true, ALIGNED, PACKED, false, false, 0>(p);
 }

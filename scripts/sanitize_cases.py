@@ -126,7 +126,10 @@ def run(case: Case) -> None:
 
 def _largest_head_dim(variant) -> int:
     """The largest head_dim the dispatcher sends to ``variant``: it then uses every unit, or
-    as many as the chunks instances' weight table holds."""
+    as many as the chunks instances' weight table holds; a chunks instance of one head size
+    takes that one, and the packed one of any size the others."""
+    if variant.head_dim:
+        return variant.head_dim
     same_kind = dataclasses.replace(variant, max_units=0)
     smaller = max((v.max_units for v in _jit.VARIANTS
                    if dataclasses.replace(v, max_units=0) == same_kind
@@ -134,7 +137,8 @@ def _largest_head_dim(variant) -> int:
     return max(d for d in HEAD_DIMS
                if smaller < _jit.lanes_and_units(d, variant.vec)[1] <= variant.max_units
                and _jit.prefetch_next(variant, d) == variant.prefetch_next
-               and (not variant.chunks or d <= _jit.CHUNKS_MAX_HEAD_DIM))
+               and (not variant.chunks or d <= _jit.CHUNKS_MAX_HEAD_DIM)
+               and not (variant.chunks and variant.packed and d in _jit.CHUNKS_PACKED_HEAD_DIMS))
 
 
 def variant_cases():

@@ -22,8 +22,8 @@ def test_variant_names_and_expressions_are_unique():
     assert len({v.expression for v in _jit.VARIANTS}) == len(_jit.VARIANTS)
     for v in _jit.VARIANTS:
         kernel = "qk_norm_mrope_kernel" if v.is_mrope else "qk_norm_rope_kernel"
-        # The 1-D kernel's last flags are STREAM_STORES and CHUNKS.
-        last = "" if v.is_mrope else ", (true|false), (true|false)"
+        # The 1-D kernel's last flags are STREAM_STORES, CHUNKS and HEAD_DIM.
+        last = "" if v.is_mrope else rf", (true|false), (true|false), {v.head_dim}"
         flags = rf"<\w+, (true|false), \d+, \d+, (true|false), (true|false){last}>"
         assert re.fullmatch(kernel + flags, v.expression)
 
@@ -57,6 +57,9 @@ def test_every_head_dim_dispatches(dtype, is_neox, wide, is_mrope, aligned, pack
                                   and head_dim <= _jit.CHUNKS_MAX_HEAD_DIM)
         # Packed addressing: wide aligned and chunked instances only; the others fall back.
         assert variant.packed == (packed and wide and (aligned or variant.chunks))
+        # Packed chunks: an instance of the call's own head size where there is one.
+        fixed = variant.chunks and variant.packed and head_dim in _jit.CHUNKS_PACKED_HEAD_DIMS
+        assert variant.head_dim == (head_dim if fixed else 0)
         # The prefetching twin of a five-block instance: heads of 128 elements or more.
         assert variant.prefetch_next == (variant.five_blocks_per_sm and head_dim >= 128)
 

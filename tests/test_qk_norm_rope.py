@@ -785,7 +785,7 @@ def test_gpu_views_off_the_vector_grid_every_shift(dtype, shift, is_neox):
 
 @requires_gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
 @pytest.mark.parametrize("flags", [{}, {"norm": "gemma"}, {"norm": "none", "weight": None},
                                    {"weight": "float32"}, {"cache_dtype": "bfloat16"},
                                    {"rope_first": True}, {"positions": "none"},
@@ -807,6 +807,7 @@ def test_gpu_unaligned_heads_in_chunks_match_reference(dtype, D, flags):
                                case.get("norm", "rms"), False, None, False).variant
     packed = flags.get("weight") != "float32" and "cache_dtype" not in flags
     assert variant.chunks and variant.packed == packed
+    assert variant.head_dim == (D if packed and D in cuqk._jit.CHUNKS_PACKED_HEAD_DIMS else 0)
 
 
 @requires_gpu
@@ -936,12 +937,14 @@ def test_cpu_small_packed_calls_take_a_warp_per_head(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_unaligned_calls_move_in_chunks_up_to_the_weight_table_size(dtype):
     """Unaligned in-place NeoX calls of 16-bit heads take the packed chunks instance at every
-    size (it measured faster at each) for heads up to CHUNKS_MAX_HEAD_DIM; longer heads take
-    the narrow-access one."""
+    size (it measured faster at each) for heads up to CHUNKS_MAX_HEAD_DIM, the one compiled
+    for their head size where there is one; longer heads take the narrow-access one."""
     for tokens in (1, 8192, 65536):
-        for head_dim in (64, 128, 256):
+        for head_dim in (64, 96, 128, 256):
             chunked = _packed_plan_variant(tokens, head_dim, dtype, shift=3)
             assert not chunked.aligned and chunked.chunks == chunked.packed == (dtype != "float32")
+            fixed = chunked.packed and head_dim in cuqk._jit.CHUNKS_PACKED_HEAD_DIMS
+            assert chunked.head_dim == (head_dim if fixed else 0)
             assert _packed_plan_variant(tokens, head_dim, dtype).aligned
         longest = _packed_plan_variant(tokens, 2 * cuqk._jit.CHUNKS_MAX_HEAD_DIM, dtype, shift=3)
         assert not longest.aligned and not longest.chunks and not longest.packed
