@@ -127,6 +127,7 @@ def _selftest_head_dim(variant) -> int:
     if variant.max_units > 1:
         return 512
     if variant.chunks and variant.packed:
+        # The run-time one takes the sizes without an instance of their own.
         return variant.head_dim or 96
     # The dispatcher's own rule picks between the twins of a five-block instance.
     return next(d for d in (128, 64) if _jit.prefetch_next(variant, d) == variant.prefetch_next)

@@ -126,8 +126,9 @@ def run(case: Case) -> None:
 
 def _largest_head_dim(variant) -> int:
     """The largest head_dim the dispatcher sends to ``variant``: it then uses every unit, or
-    as many as the chunks instances' weight table holds; a chunks instance of one head size
-    takes that one, and the packed one of any size the others."""
+    as many as the chunks instances' weight table holds. An instance compiled for one head
+    size gets that size; the packed chunks one that reads it at run time gets the largest size
+    without an instance of its own."""
     if variant.head_dim:
         return variant.head_dim
     same_kind = dataclasses.replace(variant, max_units=0)
