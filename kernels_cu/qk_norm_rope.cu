@@ -494,8 +494,10 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
                 "only five-block instances have a streaming twin");
   static_assert(!CHUNKS || (!ALIGNED && IS_NEOX && !IS_MROPE && sizeof(T_IN) == 2 && VEC == 8),
                 "chunks are for unaligned 16-bit NeoX heads");
-  static_assert(HEAD_DIM == 0 || (CHUNKS && PACKED && HEAD_DIM % (2 * VEC) == 0),
-                "a compile-time head_dim is for packed chunks instances");
+  static_assert(HEAD_DIM == 0 || (CHUNKS && PACKED && HEAD_DIM % (2 * VEC) == 0 &&
+                                  HEAD_DIM <= 2 * VEC * CHUNK_TABLE_UNITS),
+                "a compile-time head_dim is for packed chunks instances, up to the weight "
+                "table's size");
   constexpr int UNIT = 2 * VEC;
   // Narrow packed instances (a warp per head, head_dim = 64 * VEC: the host checks) serve small
   // calls, whose time is one head's chain: the head's geometry is known at compile time, and
