@@ -331,6 +331,14 @@ __device__ __forceinline__ T* opaque_pointer(T* ptr) {
   return ptr;
 }
 
+/// \brief A float32 load, as ld.global, through a pointer that went through opaque_pointer:
+/// the compiler no longer sees its address space there, and plain loads compile to generic ones.
+__device__ __forceinline__ float load_global_f32(const float* ptr) {
+  float value;
+  asm("ld.global.f32 %0, [%1];" : "=f"(value) : "l"(ptr));
+  return value;
+}
+
 /// \brief Asks the L2 for the line holding ptr; nothing waits for it and no register holds it.
 __device__ __forceinline__ void prefetch_l2(const void* ptr) {
   asm volatile("prefetch.global.L2 [%0];" : : "l"(ptr));

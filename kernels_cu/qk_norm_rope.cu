@@ -148,8 +148,10 @@ __device__ __forceinline__ int mrope_section_of(int j, const QkNormRopeParams& p
 /// \brief The frequency of slot i of unit k in the CHUNKS layout (see above), from
 /// k * VEC + i; half is rotary_dim / 2.
 __device__ __forceinline__ int chunk_freq(int k_vec_i, int shift, int half) {
-  const int f = k_vec_i - shift;
-  return f < 0 ? f + half : f;
+  // As unsigned, a negative f is past f + half, so the smaller of the two is the wrapped
+  // frequency: one add-and-min where a compare and an add took two more.
+  const unsigned f = static_cast<unsigned>(k_vec_i - shift);
+  return static_cast<int>(min(f, f + static_cast<unsigned>(half)));
 }
 
 /// \brief The side inputs of CHUNKS slots [first, first + N): a[i] is element f of the run at
@@ -165,11 +167,16 @@ __device__ __forceinline__ void gather_chunk_slots(const T* base, long long at, 
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     const T* at_f = run + chunk_freq(first + i, shift, half);
-    float ai[1], bi[1];
-    load_as_float<T, 1>(at_f, ai);
-    load_as_float<T, 1>(at_f + half, bi);
-    a[i] = ai[0];
-    b[i] = bi[0];
+    if constexpr (sizeof(T) == 4) {
+      a[i] = load_global_f32(at_f);
+      b[i] = load_global_f32(at_f + half);
+    } else {
+      float ai[1], bi[1];
+      load_as_float<T, 1>(at_f, ai);
+      load_as_float<T, 1>(at_f + half, bi);
+      a[i] = ai[0];
+      b[i] = bi[0];
+    }
   }
 }
 
@@ -186,6 +193,43 @@ __device__ __forceinline__ void gather_chunk_slots(const void* base, long long a
     load_as_float_dyn<1>(base, f + half, dtype, bi);
     a[i] = ai[0];
     b[i] = bi[0];
+  }
+}
+
+/// \brief cos and sin of CHUNKS slots [first, first + N) from a float32 cache row's `run`, in
+/// vectors of WORDS: only where the shift keeps each run of WORDS slots on consecutive
+/// frequencies from a multiple of WORDS, which wrap together (gather_chunk_cos_sin).
+template <int WORDS, int N>
+__device__ __forceinline__ void load_chunk_cos_sin_runs(const float* run, int first, int shift,
+                                                        int half, float (&c)[N], float (&s)[N]) {
+#pragma unroll
+  for (int g = 0; g < N; g += WORDS) {
+    const float* at = run + chunk_freq(first + g, shift, half);
+    cuqk_u32 wc[WORDS], ws[WORDS];
+    load_words_by<WORDS, WORDS>(at, wc);
+    load_words_by<WORDS, WORDS>(at + half, ws);
+#pragma unroll
+    for (int i = 0; i < WORDS; ++i) {
+      c[g + i] = __uint_as_float(wc[i]);
+      s[g + i] = __uint_as_float(ws[i]);
+    }
+  }
+}
+
+/// \brief cos and sin of CHUNKS slots [first, first + N) of float32 cache row `row` (first a
+/// multiple of N), as gather_chunk_slots gives them, in the widest accesses the shift allows:
+/// a shift that is a multiple of 4 (of 2) takes 4 (8) vector loads where the gather takes 16.
+/// The branch is uniform wherever a warp's heads share a token.
+template <int N>
+__device__ __forceinline__ void gather_chunk_cos_sin(const float* row, int first, int shift,
+                                                     int half, float (&c)[N], float (&s)[N]) {
+  const float* run = opaque_pointer(row);
+  if ((shift & 3) == 0) {
+    load_chunk_cos_sin_runs<4>(run, first, shift, half, c, s);
+  } else if ((shift & 1) == 0) {
+    load_chunk_cos_sin_runs<2>(run, first, shift, half, c, s);
+  } else {
+    gather_chunk_slots(row, 0, first, shift, half, c, s);
   }
 }
 
@@ -263,12 +307,17 @@ __device__ __forceinline__ bool position_in_cache(const QkNormRopeParams& p, lon
 /// \tparam CACHE_F32 the cache is float32 (else its dtype is read at run time)
 /// \tparam CHUNKS    frequency freq + i is slot i of the CHUNKS layout, whose frequency is
 ///                   chunk_freq(freq + i, chunk_shift, half) (gather_chunk_slots)
-template <int VEC, bool CACHE_F32, bool CHUNKS = false>
+/// \tparam WIDE_CHUNKS (CHUNKS with CACHE_F32) in vectors where the shift allows
+///                   (gather_chunk_cos_sin)
+template <int VEC, bool CACHE_F32, bool CHUNKS = false, bool WIDE_CHUNKS = false>
 __device__ __forceinline__ void load_cos_sin(const QkNormRopeParams& p, long long pos, int freq,
                                              int half, float (&c)[VEC], float (&s)[VEC],
                                              int chunk_shift = 0) {
   const long long at = (position_in_cache(p, pos) ? pos : 0) * p.cache_row_stride + freq;
-  if constexpr (CHUNKS && CACHE_F32) {
+  if constexpr (CHUNKS && CACHE_F32 && WIDE_CHUNKS) {
+    gather_chunk_cos_sin(reinterpret_cast<const float*>(p.cache) + (at - freq), freq,
+                         chunk_shift, half, c, s);
+  } else if constexpr (CHUNKS && CACHE_F32) {
     gather_chunk_slots(reinterpret_cast<const float*>(p.cache), at - freq, freq, chunk_shift,
                        half, c, s);
   } else if constexpr (CHUNKS) {
@@ -690,7 +739,10 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
       // vectors, or half vectors in the five-block instances (see five_blocks_per_sm).
       constexpr bool FIVE_BLOCKS = five_blocks_per_sm<T_IN, VEC, IS_MROPE, PACKED, ALIGNED>();
       constexpr int SIDE = FIVE_BLOCKS ? VEC / 2 : VEC;
-      const auto cos_sin = [&](int freq, float(&c)[SIDE], float(&s)[SIDE]) {
+      // after_norm: the rotation after the norm, where the per-size chunks instances take cos
+      // and sin in vectors where the shift allows; before the norm (rope_first) and in the
+      // run-time instance the vectors spilled (32 and 4 bytes at the 48-register bound).
+      const auto cos_sin = [&](int freq, float(&c)[SIDE], float(&s)[SIDE], bool after_norm) {
         if constexpr (IS_MROPE) {
           load_as_float<float, SIDE>(rows + freq, c);
           load_as_float<float, SIDE>(rows + rotary_dim / 2 + freq, s);
@@ -700,14 +752,18 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           // register copy took the scalar ones from 60 to 124 registers).
           const int half =
               (FIVE_BLOCKS || HEAD_DIM ? rotary_dim : static_cast<int>(p.rotary_dim)) / 2;
-          load_cos_sin<SIDE, PACKED, CHUNKS>(p, pos, freq, half, c, s, chunk_shift);
+          if (HEAD_DIM != 0 && after_norm) {
+            load_cos_sin<SIDE, PACKED, CHUNKS, true>(p, pos, freq, half, c, s, chunk_shift);
+          } else {
+            load_cos_sin<SIDE, PACKED, CHUNKS>(p, pos, freq, half, c, s, chunk_shift);
+          }
         }
       };
-      const auto rotate_loading_cos_sin = [&](float(&v)[UNIT], int k) {
+      const auto rotate_loading_cos_sin = [&](float(&v)[UNIT], int k, bool after_norm) {
 #pragma unroll
         for (int part = 0; part < VEC; part += SIDE) {
           float c[SIDE], s[SIDE];
-          cos_sin(k * VEC + part, c, s);
+          cos_sin(k * VEC + part, c, s, after_norm);
           rotate_pairs<IS_NEOX, VEC, SIDE>(v, part, c, s);
         }
       };
@@ -739,7 +795,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           int off_a, off_b;
           unit_offsets<IS_NEOX, VEC>(k, n_rot_units, rotary_dim, off_a, off_b);
           if (has_weight) load_weights(off_a, off_b, early[u].wa, early[u].wb);
-          if (!rope_first && k < n_rot_units) cos_sin(k * VEC, early[u].c, early[u].s);
+          if (!rope_first && k < n_rot_units) cos_sin(k * VEC, early[u].c, early[u].s, true);
         }
       }
 
@@ -748,7 +804,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
       for (int u = 0; u < MAX_UNITS; ++u) {
         const int k = lane + u * lanes;
         if (!active || k >= n_units || is_gate) continue;
-        if (rope_first && k < n_rot_units) rotate_loading_cos_sin(x[u], k);
+        if (rope_first && k < n_rot_units) rotate_loading_cos_sin(x[u], k, false);
 #pragma unroll
         for (int i = 0; i < UNIT; ++i) sum_sq += x[u][i] * x[u][i];
       }
@@ -805,7 +861,7 @@ __device__ __forceinline__ void norm_rope_heads(const QkNormRopeParams& p) {
           if constexpr (NARROW) {
             rotate_pairs<IS_NEOX, VEC, VEC>(y, 0, side.c, side.s);
           } else {
-            rotate_loading_cos_sin(y, k);
+            rotate_loading_cos_sin(y, k, true);
           }
         }
         if constexpr (CHUNKS) {
