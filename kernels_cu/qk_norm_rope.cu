@@ -21,7 +21,8 @@
 // takes up to five narrow ones. Unit k holds the chunks at k*VEC and rot/2 + k*VEC from the
 // chunk base; slot i of both holds a rotation pair of frequency k*VEC + i - shift, except in
 // unit 0, whose slots i < shift pair the chunk at rot/2 with the tail chunk past the head
-// (frequency rot/2 + i - shift). The cos/sin of each slot are gathered at those indices;
+// (frequency rot/2 + i - shift). The cos/sin of each slot are gathered at those indices, in
+// vectors where the shift keeps runs of slots on aligned frequencies (gather_chunk_cos_sin);
 // its weights come from a per-block table of every slot under every shift (up to head_dim
 // 256, fill_chunk_weights). Only unit 0's first and tail chunks, which hold a neighbour's
 // bytes, are stored in pieces; the packed instances read them whole (load_chunk_unit).
