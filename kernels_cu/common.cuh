@@ -333,9 +333,11 @@ __device__ __forceinline__ T* opaque_pointer(T* ptr) {
 
 /// \brief A float32 load, as ld.global, through a pointer that went through opaque_pointer:
 /// the compiler no longer sees its address space there, and plain loads compile to generic ones.
+/// Volatile, because the asm names no memory: it must stay after wait_for_prior_grids, whose
+/// prior grid may have written what it reads (the kernels' PTX is the same either way).
 __device__ __forceinline__ float load_global_f32(const float* ptr) {
   float value;
-  asm("ld.global.f32 %0, [%1];" : "=f"(value) : "l"(ptr));
+  asm volatile("ld.global.f32 %0, [%1];" : "=f"(value) : "l"(ptr));
   return value;
 }
 
