@@ -502,8 +502,7 @@ __device__ __forceinline__ void store_chunk_unit(T_IN* base, int k, int half, in
   for (int j = 0; j < 4; ++j) b[j] = (c[j] & m[j]) | (a[j] & ~m[j]);
   store_chunk(base + half + k * VEC, b);
   if (edge) {
-    store_chunk_from(base + k * VEC, edge, a);
-    store_chunk_below(base + 2 * half, edge, c);
+    store_chunk_edges(base + k * VEC, base + 2 * half, edge, a, c);
   } else {
     store_chunk(base + k * VEC, a);
   }
