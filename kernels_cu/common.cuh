@@ -310,8 +310,6 @@ __device__ __forceinline__ void store_chunk_edges(void* first_at, void* tail_at,
     CUQK_EDGE_CASE(6)
     CUQK_EDGE_CASE(7)
 #undef CUQK_EDGE_CASE
-    default:
-      break;
   }
 }
 
